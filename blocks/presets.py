@@ -1,0 +1,183 @@
+"""Published efficient CNNs as specs, with width multipliers.
+
+Each preset follows the reference implementation named in its docstring; the parameter
+counts at width 1.0 and 1000 classes are checked in tests/test_presets.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from blocks.spec import ArchSpec, make_divisible
+
+
+def _spec(name: str, **kw: Any) -> ArchSpec:
+    return ArchSpec.model_validate({"name": name, **kw})
+
+
+def _stage(kind: str, repeats: int = 1, **block: Any) -> dict[str, Any]:
+    return {"block": {"kind": kind, **block}, "repeats": repeats}
+
+
+def mobilenet_v1(width: float = 1.0, num_classes: int = 1000, resolution: int = 224) -> ArchSpec:
+    """MobileNetV1 (Howard et al. 2017): 3x3 stem + 13 depthwise-separable blocks."""
+    c = lambda n: make_divisible(n * width, 8)  # noqa: E731
+    layout = [(64, 1, 1), (128, 2, 1), (128, 1, 1), (256, 2, 1), (256, 1, 1), (512, 2, 1),
+              (512, 1, 5), (1024, 2, 1), (1024, 1, 1)]
+    stages = [_stage("ds", n, out_channels=c(o), stride=s) for o, s, n in layout]
+    return _spec(f"mobilenet_v1@{width:g}", num_classes=num_classes, resolution=resolution,
+                 stem={"out_channels": c(32), "stride": 2}, stages=stages)
+
+
+def mobilenet_v2(width: float = 1.0, num_classes: int = 1000, resolution: int = 224) -> ArchSpec:
+    """MobileNetV2 as in torchvision (3,504,872 parameters at width 1.0)."""
+    setting = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
+               (6, 160, 3, 2), (6, 320, 1, 1)]
+    stages = [
+        _stage("mbconv", n, out_channels=make_divisible(c * width, 8), expand=float(t), stride=s,
+               act="relu6")
+        for t, c, n, s in setting
+    ]
+    return _spec(
+        f"mobilenet_v2@{width:g}", num_classes=num_classes, resolution=resolution,
+        stem={"out_channels": make_divisible(32 * width, 8), "stride": 2, "act": "relu6"},
+        stages=stages,
+        head={"out_channels": make_divisible(1280 * max(1.0, width), 8), "kernel": 1,
+              "act": "relu6"},
+        classifier={"dropout": 0.2},
+    )
+
+
+_MNV3_LARGE = [  # kernel, expanded, out, se, act, stride
+    (3, 16, 16, False, "relu", 1), (3, 64, 24, False, "relu", 2), (3, 72, 24, False, "relu", 1),
+    (5, 72, 40, True, "relu", 2), (5, 120, 40, True, "relu", 1), (5, 120, 40, True, "relu", 1),
+    (3, 240, 80, False, "hswish", 2), (3, 200, 80, False, "hswish", 1),
+    (3, 184, 80, False, "hswish", 1), (3, 184, 80, False, "hswish", 1),
+    (3, 480, 112, True, "hswish", 1), (3, 672, 112, True, "hswish", 1),
+    (5, 672, 160, True, "hswish", 2), (5, 960, 160, True, "hswish", 1),
+    (5, 960, 160, True, "hswish", 1),
+]
+_MNV3_SMALL = [
+    (3, 16, 16, True, "relu", 2), (3, 72, 24, False, "relu", 2), (3, 88, 24, False, "relu", 1),
+    (5, 96, 40, True, "hswish", 2), (5, 240, 40, True, "hswish", 1),
+    (5, 240, 40, True, "hswish", 1), (5, 120, 48, True, "hswish", 1),
+    (5, 144, 48, True, "hswish", 1), (5, 288, 96, True, "hswish", 2),
+    (5, 576, 96, True, "hswish", 1), (5, 576, 96, True, "hswish", 1),
+]
+
+
+def _mobilenet_v3(name, table, last, width, num_classes, resolution) -> ArchSpec:
+    c = lambda n: make_divisible(n * width, 8)  # noqa: E731
+    se = {"ratio": 0.25, "base": "mid", "divisor": 8, "act": "relu", "gate": "hsigmoid"}
+    stages = [
+        _stage("mbconv", 1, kernel=k, mid_channels=c(e), out_channels=c(o), stride=s, act=a,
+               se=se if use_se else None)
+        for k, e, o, use_se, a, s in table
+    ]
+    return _spec(
+        f"{name}@{width:g}", num_classes=num_classes, resolution=resolution, norm_eps=0.001,
+        stem={"out_channels": c(16), "stride": 2, "act": "hswish"}, stages=stages,
+        head={"out_channels": c(6 * table[-1][2]), "kernel": 1, "act": "hswish"},
+        classifier={"hidden": c(last), "hidden_act": "hswish", "dropout": 0.2},
+    )
+
+
+def mobilenet_v3_large(width=1.0, num_classes=1000, resolution=224) -> ArchSpec:
+    """MobileNetV3-Large as in torchvision (5,483,032 parameters)."""
+    return _mobilenet_v3("mobilenet_v3_large", _MNV3_LARGE, 1280, width, num_classes, resolution)
+
+
+def mobilenet_v3_small(width=1.0, num_classes=1000, resolution=224) -> ArchSpec:
+    """MobileNetV3-Small as in torchvision (2,542,856 parameters)."""
+    return _mobilenet_v3("mobilenet_v3_small", _MNV3_SMALL, 1024, width, num_classes, resolution)
+
+
+def mnasnet(width: float = 1.0, num_classes: int = 1000, resolution: int = 224) -> ArchSpec:
+    """MnasNet-B1 as in torchvision's mnasnet1_0 (4,383,312 parameters)."""
+    d = lambda n: make_divisible(n * width, 8, min_value=8)  # noqa: E731
+    table = [(24, 3, 2, 3, 3), (40, 5, 2, 3, 3), (80, 5, 2, 6, 3), (96, 3, 1, 6, 2),
+             (192, 5, 2, 6, 4), (320, 3, 1, 6, 1)]
+    stages = [_stage("ds", 1, out_channels=d(16), pw_act=False)]
+    stages += [_stage("mbconv", n, out_channels=d(o), kernel=k, stride=s, expand=float(e))
+               for o, k, s, e, n in table]
+    return _spec(
+        f"mnasnet@{width:g}", num_classes=num_classes, resolution=resolution,
+        stem={"out_channels": d(32), "stride": 2}, stages=stages,
+        head={"out_channels": 1280, "kernel": 1}, classifier={"dropout": 0.2},
+    )
+
+
+def efficientnet_b0(width: float = 1.0, num_classes: int = 1000, resolution: int = 224) -> ArchSpec:
+    """EfficientNet-B0 as in torchvision (5,288,548 parameters)."""
+    c = lambda n: make_divisible(n * width, 8)  # noqa: E731
+    table = [(1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3),
+             (6, 5, 1, 112, 3), (6, 5, 2, 192, 4), (6, 3, 1, 320, 1)]
+    se = {"ratio": 0.25, "base": "in", "divisor": 1, "act": "swish", "gate": "sigmoid"}
+    stages = [_stage("mbconv", n, out_channels=c(o), kernel=k, stride=s, expand=float(e),
+                     act="swish", se=se) for e, k, s, o, n in table]
+    return _spec(
+        f"efficientnet_b0@{width:g}", num_classes=num_classes, resolution=resolution,
+        stem={"out_channels": c(32), "stride": 2, "act": "swish"}, stages=stages,
+        head={"out_channels": c(1280), "kernel": 1, "act": "swish"},
+        classifier={"dropout": 0.2},
+    )
+
+
+def shufflenet_v1(width: float = 1.0, num_classes: int = 1000, resolution: int = 224,
+                  groups: int = 3) -> ArchSpec:
+    """ShuffleNet V1 (Zhang et al. 2018), g=3 by default, as in Megvii's reference code:
+    grouped 1x1 + channel shuffle, first 1x1 of the first unit not grouped, no bias in the
+    classifier."""
+    widths = {1: 144, 2: 200, 3: 240, 4: 272, 8: 384}
+    if groups not in widths:
+        raise ValueError(f"ShuffleNet V1 groups must be one of {sorted(widths)}")
+    base = widths[groups]
+    outs = [make_divisible(base * m * width, 4 * groups) for m in (1, 2, 4)]
+    stem = 24 if width <= 1.0 else make_divisible(24 * width, 8)
+    stages = []
+    for i, (out, n) in enumerate(zip(outs, (4, 8, 4), strict=True)):
+        mid = out // 4
+        stages.append(_stage("shuffle", 1, out_channels=out, mid_channels=mid, groups=groups,
+                             stride=2, first_groups=1 if i == 0 else None))
+        stages.append(_stage("shuffle", n - 1, out_channels=out, mid_channels=mid, groups=groups))
+    return _spec(
+        f"shufflenet_v1_g{groups}@{width:g}", num_classes=num_classes, resolution=resolution,
+        stem={"out_channels": stem, "stride": 2}, stem_pool=True, stages=stages,
+        classifier={"bias": False},
+    )
+
+
+def resnext50(width: float = 1.0, num_classes: int = 1000, resolution: int = 224) -> ArchSpec:
+    """ResNeXt-50 32x4d as in torchvision (25,028,904 parameters)."""
+    c = lambda n: make_divisible(n * width, 32)  # noqa: E731
+    stages = [
+        _stage("bottleneck", n, out_channels=c(p * 4), mid_channels=c(p * 2), groups=32,
+               stride=s)
+        for p, n, s in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2))
+    ]
+    return _spec(f"resnext50_32x4d@{width:g}", num_classes=num_classes, resolution=resolution,
+                 stem={"out_channels": c(64), "kernel": 7, "stride": 2}, stem_pool=True,
+                 stages=stages)
+
+
+PRESETS: dict[str, Callable[..., ArchSpec]] = {
+    "mobilenet_v1": mobilenet_v1,
+    "mobilenet_v2": mobilenet_v2,
+    "mobilenet_v3_large": mobilenet_v3_large,
+    "mobilenet_v3_small": mobilenet_v3_small,
+    "mnasnet": mnasnet,
+    "efficientnet_b0": efficientnet_b0,
+    "shufflenet_v1": shufflenet_v1,
+    "resnext50": resnext50,
+}
+
+
+def preset(name: str, width: float = 1.0, **kw: Any) -> ArchSpec:
+    try:
+        factory = PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}") from None
+    if not 0.1 <= width <= 4.0:
+        raise ValueError(f"width multiplier must be in [0.1, 4.0] (got {width})")
+    return factory(width, **kw)
