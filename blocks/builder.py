@@ -6,11 +6,11 @@ import torch
 from torch import nn
 
 from blocks.layers import (
+    Bottleneck,
     ConvNormAct,
     DepthwiseSeparable,
     FactorizedConv,
     InvertedResidual,
-    Bottleneck,
     ShuffleUnit,
     SpatiallySeparableConv,
     SqueezeExcite,

@@ -105,7 +105,8 @@ def _tokens(model: BaseModel, keys: dict[str, str], always: tuple[str, ...] = ()
             continue
         value = getattr(model, field)
         default = type(model).model_fields[field].default
-        if value is None or (value == default and type(value) is type(default) and field not in always):
+        is_default = value == default and type(value) is type(default)
+        if value is None or (is_default and field not in always):
             continue
         out.append(key + _fmt_value(value))
     return out
@@ -127,11 +128,13 @@ def _block_tokens(block: BaseModel, repeats: int) -> list[str]:
 def to_compact(spec: ArchSpec) -> str:
     net = ["net", *_tokens(spec, _NET_KEYS, always=("schema_version", "resolution"))]
     parts = ["_".join(net)]
-    parts.append("stem:" + "_".join(["cn", *_tokens(spec.stem, _LAYER_KEYS, always=("out_channels",))]))
+    layer = lambda m: "_".join(["cn", *_tokens(m, _LAYER_KEYS, always=("out_channels",))])  # noqa: E731
+    parts.append("stem:" + layer(spec.stem))
     for stage in spec.stages:
-        parts.append("_".join([KIND_PREFIX[stage.block.kind], *_block_tokens(stage.block, stage.repeats)]))
+        kind = KIND_PREFIX[stage.block.kind]
+        parts.append("_".join([kind, *_block_tokens(stage.block, stage.repeats)]))
     if spec.head is not None:
-        parts.append("head:" + "_".join(["cn", *_tokens(spec.head, _LAYER_KEYS, always=("out_channels",))]))
+        parts.append("head:" + layer(spec.head))
     fc = _tokens(spec.classifier, _FC_KEYS)
     if fc:
         parts.append("_".join(["fc", *fc]))
@@ -226,4 +229,4 @@ def from_compact(text: str) -> ArchSpec:
         raise CompactFormatError(f"invalid spec: {exc}") from exc
 
 
-__all__ = ["CompactFormatError", "from_compact", "to_compact", "Classifier", "SESpec", "ConvLayer"]
+__all__ = ["Classifier", "CompactFormatError", "ConvLayer", "SESpec", "from_compact", "to_compact"]

@@ -272,11 +272,11 @@ def make_divisible(value: float, divisor: int = 8, min_value: int | None = None)
 
 def se_channels(se: SESpec, in_channels: int, mid_channels: int) -> int:
     base = in_channels if se.base == "in" else mid_channels
-    raw = max(1, int(math.floor(base * se.ratio + 1e-9)))
+    raw = max(1, math.floor(base * se.ratio + 1e-9))
     return make_divisible(raw, se.divisor) if se.divisor > 1 else raw
 
 
 def mbconv_mid(block: MBConvBlock, in_channels: int) -> int:
     if block.mid_channels is not None:
         return block.mid_channels
-    return max(1, int(round(in_channels * block.expand)))
+    return max(1, round(in_channels * block.expand))
