@@ -11,6 +11,7 @@ from blocks.layers import (
     DepthwiseSeparable,
     FactorizedConv,
     InvertedResidual,
+    Residual,
     ShuffleUnit,
     SpatiallySeparableConv,
     SqueezeExcite,
@@ -62,8 +63,6 @@ def build_block(rb: ResolvedBlock, norm_eps: float = 1e-5) -> nn.Module:
     norm = batchnorm(norm_eps)
     act = activation(b.act)
     if isinstance(b, ConvBlock):
-        from blocks.layers import Residual
-
         body = ConvNormAct(cin, cout, b.kernel, b.stride, b.dilation, b.groups, norm, act)
         return Residual(body, True) if b.residual else body
     if isinstance(b, FactorizedBlock):
@@ -93,12 +92,10 @@ def build_model(spec: ArchSpec) -> Network:
     norm = batchnorm(spec.norm_eps)
     stem = ConvNormAct(spec.in_channels, spec.stem.out_channels, spec.stem.kernel,
                        spec.stem.stride, norm_layer=norm, act_layer=activation(spec.stem.act))
-    stages = nn.Sequential()
-    for si, stage in enumerate(spec.stages):
-        seq = nn.Sequential(*(build_block(rb, spec.norm_eps) for rb in resolved
-                              if rb.field == f"stages[{si}].block"))
-        stages.add_module(str(si), seq)
-        del stage
+    per_stage: list[list[nn.Module]] = [[] for _ in spec.stages]
+    for rb in resolved:
+        per_stage[rb.stage].append(build_block(rb, spec.norm_eps))
+    stages = nn.Sequential(*(nn.Sequential(*blocks) for blocks in per_stage))
     last = resolved[-1].out_channels
     head: nn.Module = nn.Identity()
     if spec.head is not None:

@@ -34,6 +34,8 @@ class SpecError(ValueError):
 class ResolvedBlock:
     path: str  # e.g. "stages[2]#1" (stage 2, repeat 1)
     field: str  # e.g. "stages[2].block"
+    stage: int
+    repeat: int
     block: object
     in_channels: int
     out_channels: int
@@ -113,7 +115,7 @@ def resolve(spec: ArchSpec, resolution: int | None = None) -> list[ResolvedBlock
             cout = check_block(block, field, cin)
             oh, ow = out_size(h, block.stride), out_size(w, block.stride)
             out.append(
-                ResolvedBlock(f"stages[{si}]#{ri}", field, block, cin, cout, (h, w), (oh, ow))
+                ResolvedBlock(f"stages[{si}]#{ri}", field, si, ri, block, cin, cout, (h, w), (oh, ow))
             )
             cin, h, w = cout, oh, ow
     return out
