@@ -115,7 +115,9 @@ def resolve(spec: ArchSpec, resolution: int | None = None) -> list[ResolvedBlock
             cout = check_block(block, field, cin)
             oh, ow = out_size(h, block.stride), out_size(w, block.stride)
             out.append(
-                ResolvedBlock(f"stages[{si}]#{ri}", field, si, ri, block, cin, cout, (h, w), (oh, ow))
+                ResolvedBlock(
+                    f"stages[{si}]#{ri}", field, si, ri, block, cin, cout, (h, w), (oh, ow)
+                )
             )
             cin, h, w = cout, oh, ow
     return out
