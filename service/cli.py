@@ -8,7 +8,7 @@ import sys
 
 import typer
 
-from service import cli_arch, cli_eval, cli_search, cli_server
+from service import cli_arch, cli_eval, cli_search, cli_server, cli_worker
 from service.cli_common import CLIError
 
 app = typer.Typer(
@@ -19,7 +19,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for module in (cli_arch, cli_eval, cli_search, cli_server):
+for module in (cli_arch, cli_eval, cli_search, cli_server, cli_worker):
     module.register(app)
 
 
