@@ -1,0 +1,447 @@
+"""Latency measurement, in process: the protocol of docs/measurement.md.
+
+build -> eval() -> BatchNorm folded into the convolutions -> the runtime (eager PyTorch,
+TorchScript traced + frozen, or an ONNX Runtime session) with a fixed thread count ->
+warm-up -> timed rounds. Each round is a blocked run in the manner of
+``torch.utils.benchmark.Timer.blocked_autorange``: blocks of ``number`` calls, timed as a
+whole, until the round has lasted ``min_run_time_s``; every block gives one sample (its
+time divided by ``number``). With a reference network the rounds alternate candidate and
+reference (A B, then B A, ...) in the same process, and each round gives one ratio
+(candidate median / reference median of that round): a figure that survives the drift of
+a shared machine far better than absolute milliseconds.
+
+Isolation (child process, timeout, memory ceiling) is :mod:`search.evaluators.runner`'s
+job; this module raises on failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from blocks.spec import ArchSpec
+from search.evaluators import fingerprint as fp
+from search.evaluators.stats import median, robust_cv, summarize
+from search.evaluators.types import LatencyResult, LatencyStats, MeasureSettings
+
+# One block of calls lasts at least this long, so that reading the clock costs < 0.1%.
+BLOCK_TARGET_S = 1e-3
+BLOCK_TARGET_CUDA_S = 5e-3
+WARMUP_MIN_CALLS = 3
+MAX_ATTEMPTS = 3  # the first measurement plus up to two more when the spread is too wide
+LOAD_SAMPLE_S = 0.25
+ONNX_OPSET = 17
+
+
+class UnsupportedSettings(ValueError):
+    """The settings ask for something this runtime / device cannot do."""
+
+
+class ExportError(RuntimeError):
+    """The model could not be exported for the requested runtime (TorchScript or ONNX)."""
+
+
+_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, _DTYPES[name])
+
+
+def check_settings(settings: MeasureSettings) -> None:
+    """Refuse combinations that cannot be measured, before anything is built."""
+    import torch
+
+    if settings.device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UnsupportedSettings(f"device {settings.device}: CUDA is not available here "
+                                      f"(torch {torch.__version__})")
+        index = torch.device(settings.device).index or 0
+        if index >= torch.cuda.device_count():
+            raise UnsupportedSettings(f"device {settings.device}: only "
+                                      f"{torch.cuda.device_count()} CUDA device(s)")
+    elif settings.dtype != "float32":
+        raise UnsupportedSettings(f"dtype {settings.dtype} is measured on CUDA only; "
+                                  "use float32 on cpu")
+    if settings.runtime == "onnxruntime":
+        if settings.channels_last:
+            raise UnsupportedSettings("channels_last applies to eager and torchscript; ONNX "
+                                      "graphs are NCHW and ONNX Runtime picks its own layouts")
+        if settings.dtype == "bfloat16":
+            raise UnsupportedSettings("bfloat16 is not measured on onnxruntime (its CUDA "
+                                      "kernels for bfloat16 convolutions are incomplete)")
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise UnsupportedSettings(f"onnxruntime is not installed ({exc})") from exc
+        if (settings.device.startswith("cuda")
+                and "CUDAExecutionProvider" not in ort.get_available_providers()):
+            raise UnsupportedSettings("this onnxruntime build has no CUDAExecutionProvider "
+                                      "(install onnxruntime-gpu)")
+
+
+# ---- preparing a runnable model ------------------------------------------------------------
+
+
+@dataclass
+class Prepared:
+    """One model ready to time: ``call()`` runs one inference on a fixed input."""
+
+    name: str
+    call: Callable[[], Any]
+    cuda: bool
+    cuda_events: bool  # True: time with CUDA events; False: perf_counter (+ synchronize)
+    input_shape: tuple[int, ...]
+    output: Any = None
+    number: int = 1  # calls per timed block, set by calibrate()
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def build_folded(spec: ArchSpec):
+    """Build the network, eval(), fold every BatchNorm into its convolution."""
+    import torch
+
+    from blocks.builder import build_model
+    from blocks.fold import fold_batchnorm
+
+    torch.manual_seed(0)
+    model = build_model(spec).eval()
+    folded = fold_batchnorm(model).eval()
+    del model
+    return folded
+
+
+def export_onnx_bytes(model, example) -> bytes:
+    """Export to ONNX in memory; raises :class:`ExportError` with a one-line reason."""
+    import torch
+
+    buf = io.BytesIO()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                torch.onnx.export(model, (example,), buf, dynamo=False, opset_version=ONNX_OPSET,
+                                  input_names=["input"], output_names=["logits"],
+                                  do_constant_folding=True)
+            except TypeError:  # a torch without the legacy exporter switch
+                torch.onnx.export(model, (example,), buf, input_names=["input"],
+                                  output_names=["logits"])
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ExportError(f"ONNX export failed: {type(exc).__name__}: {first}") from exc
+    return buf.getvalue()
+
+
+def prepare(spec: ArchSpec, settings: MeasureSettings, resolution: int, threads: int,
+            name: str = "model") -> Prepared:
+    """Build, fold and load ``spec`` into the runtime of ``settings``."""
+    import torch
+
+    device = torch.device(settings.device)
+    cuda = device.type == "cuda"
+    dtype = _torch_dtype(settings.dtype)
+    shape = (settings.batch, spec.in_channels, resolution, resolution)
+    model = build_folded(spec)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(shape, generator=gen)
+    fmt = torch.channels_last if settings.channels_last else torch.contiguous_format
+
+    if settings.runtime in ("eager", "torchscript"):
+        model = model.to(device=device, dtype=dtype, memory_format=fmt)
+        x = x.to(device=device, dtype=dtype).contiguous(memory_format=fmt)
+        if settings.runtime == "torchscript":
+            try:
+                with torch.no_grad(), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    traced = torch.jit.trace(model, (x,), check_trace=False)
+                    model = torch.jit.freeze(traced.eval())
+            except Exception as exc:
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise ExportError(f"TorchScript trace/freeze failed: {first}") from exc
+
+        def call(model=model, x=x):
+            return model(x)
+
+        out = call()
+        return Prepared(name, call, cuda, cuda_events=cuda, input_shape=shape, output=out,
+                        info={"memory_format": "channels_last" if settings.channels_last
+                              else "contiguous"})
+
+    # onnxruntime
+    import numpy as np
+    import onnxruntime as ort
+
+    if cuda:
+        model = model.to(device=device, dtype=dtype)
+        x = x.to(device=device, dtype=dtype)
+    data = export_onnx_bytes(model, x)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    if cuda:
+        providers: list[Any] = [("CUDAExecutionProvider", {"device_id": device.index or 0}),
+                                "CPUExecutionProvider"]
+    else:
+        providers = ["CPUExecutionProvider"]
+    try:
+        sess = ort.InferenceSession(data, sess_options=so, providers=providers)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ExportError(f"ONNX Runtime could not load the exported model: {first}") from exc
+    in_name = sess.get_inputs()[0].name
+    info = {"providers": sess.get_providers(), "onnx_bytes": len(data)}
+    del data, model
+    if cuda:
+        binding = sess.io_binding()
+        xc = x.contiguous()
+        elem = np.float16 if settings.dtype == "float16" else np.float32
+        binding.bind_input(in_name, "cuda", device.index or 0, elem, tuple(xc.shape),
+                           xc.data_ptr())
+        binding.bind_output(sess.get_outputs()[0].name, "cuda", device.index or 0)
+
+        def call(sess=sess, binding=binding, keep=xc):
+            sess.run_with_iobinding(binding)
+            return binding
+
+        call()
+        out = torch.from_numpy(binding.copy_outputs_to_cpu()[0])
+        return Prepared(name, call, True, cuda_events=False, input_shape=shape, output=out,
+                        info=info)
+    feed = {in_name: x.numpy()}
+
+    def call(sess=sess, feed=feed):
+        return sess.run(None, feed)
+
+    out = torch.from_numpy(call()[0])
+    return Prepared(name, call, False, cuda_events=False, input_shape=shape, output=out,
+                    info=info)
+
+
+# ---- timing -------------------------------------------------------------------------------
+
+
+def _sync(p: Prepared) -> None:
+    if p.cuda:
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def time_block(p: Prepared, number: int) -> float:
+    """Seconds per call over one block of ``number`` calls."""
+    if p.cuda_events:
+        import torch
+
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(number):
+            p.call()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1000.0 / number
+    _sync(p)
+    t0 = time.perf_counter()
+    for _ in range(number):
+        p.call()
+    _sync(p)
+    return (time.perf_counter() - t0) / number
+
+
+def warm_up(p: Prepared, seconds: float) -> None:
+    calls, t0 = 0, time.perf_counter()
+    while calls < WARMUP_MIN_CALLS or time.perf_counter() - t0 < seconds:
+        p.call()
+        calls += 1
+    _sync(p)
+
+
+def calibrate(p: Prepared) -> int:
+    """Calls per block so that a block lasts at least the block target."""
+    one = median([time_block(p, 1) for _ in range(3)])
+    target = BLOCK_TARGET_CUDA_S if p.cuda else BLOCK_TARGET_S
+    p.number = max(1, math.ceil(target / max(one, 1e-9)))
+    return p.number
+
+
+def timed_round(p: Prepared, min_run_time: float) -> list[float]:
+    """One blocked run: block samples (ms per call) until ``min_run_time`` has passed."""
+    samples: list[float] = []
+    t0 = time.perf_counter()
+    while not samples or time.perf_counter() - t0 < min_run_time:
+        samples.append(time_block(p, p.number) * 1e3)
+    return samples
+
+
+@dataclass
+class Attempt:
+    cand: list[float]
+    ref: list[float]
+    ratios: list[float]
+    cand_stats: LatencyStats
+    ref_stats: LatencyStats | None
+    ratio_stats: LatencyStats | None
+
+    def spread(self) -> float:
+        """What decides a new attempt: the robust CV of the candidate's block samples and
+        the CV of the per-round ratios, whichever is larger."""
+        return max(robust_cv(self.cand), self.ratio_stats.cv if self.ratio_stats else 0.0)
+
+
+def run_rounds(cand: Prepared, ref: Prepared | None, rounds: int,
+               min_run_time: float) -> Attempt:
+    """``rounds`` timed rounds; with a reference, interleaved A B / B A."""
+    cand_all: list[float] = []
+    ref_all: list[float] = []
+    ratios: list[float] = []
+    for r in range(rounds):
+        if ref is None:
+            cand_all += timed_round(cand, min_run_time)
+            continue
+        order = (cand, ref) if r % 2 == 0 else (ref, cand)
+        got: dict[str, list[float]] = {}
+        for p in order:
+            got[p.name] = timed_round(p, min_run_time)
+        cand_all += got[cand.name]
+        ref_all += got[ref.name]
+        ratios.append(median(got[cand.name]) / median(got[ref.name]))
+    return Attempt(
+        cand_all, ref_all, ratios, summarize(cand_all),
+        summarize(ref_all) if ref_all else None,
+        summarize(ratios) if ratios else None,
+    )
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def resolve_threads(settings: MeasureSettings, before: dict[str, Any]) -> tuple[int, list[str]]:
+    return fp.choose_threads(settings.threads, before)
+
+
+def measure_latency(spec: ArchSpec, settings: MeasureSettings) -> LatencyResult:
+    """Measure ``spec`` under ``settings`` in this process (see the module docstring).
+
+    Raises :class:`UnsupportedSettings`, :class:`ExportError`,
+    :class:`blocks.shapes.SpecError` / :class:`blocks.load.SpecLoadError` (the spec or the
+    reference), or whatever the runtime raises (MemoryError, RuntimeError).
+    """
+    import torch
+
+    from blocks.cost import estimate_cost
+    from blocks.load import SpecLoadError, load_spec
+    from blocks.shapes import resolve
+
+    check_settings(settings)
+    resolve(spec)  # SpecError before anything is built
+    resolution = settings.resolution or spec.resolution
+    ref_spec = None
+    if settings.reference:
+        try:
+            ref_spec = load_spec(settings.reference)
+        except SpecLoadError as exc:
+            raise SpecLoadError(f"reference {settings.reference!r}: {exc}") from exc
+    ref_resolution = settings.resolution or (ref_spec.resolution if ref_spec else resolution)
+
+    before = fp.sample_load(LOAD_SAMPLE_S)
+    threads, notes = resolve_threads(settings, before)
+    free = fp.free_cores(before)
+    warm_s = max(0.05, settings.min_run_time_s)
+
+    with torch_threads(threads):
+        if settings.device.startswith("cuda"):
+            torch.cuda.set_device(torch.device(settings.device))
+            torch.backends.cudnn.benchmark = True
+        with torch.no_grad():
+            cand = prepare(spec, settings, resolution, threads, name="candidate")
+            ref = (prepare(ref_spec, settings, ref_resolution, threads, name="reference")
+                   if ref_spec is not None else None)
+        with torch.inference_mode():
+            for p in (cand, ref):
+                if p is not None:
+                    warm_up(p, warm_s)
+                    calibrate(p)
+            window = fp.LoadWindow().start()
+            attempts = [run_rounds(cand, ref, settings.rounds, settings.min_run_time_s)]
+            while attempts[-1].spread() > settings.max_cv and len(attempts) < MAX_ATTEMPTS:
+                attempts.append(run_rounds(cand, ref, settings.rounds, settings.min_run_time_s))
+            during = window.stop()
+    after = fp.sample_load(LOAD_SAMPLE_S)
+
+    best = min(attempts, key=lambda a: a.spread())
+    remeasured = len(attempts) > 1
+    if remeasured:
+        spreads = ", ".join(f"{a.spread():.3f}" for a in attempts)
+        notes.append(
+            f"spread above max_cv={settings.max_cv:g}: measured {len(attempts)} times "
+            f"(spread {spreads}); reporting attempt {attempts.index(best) + 1}"
+        )
+        if best.spread() > settings.max_cv:
+            notes.append(f"spread still above max_cv after {len(attempts)} attempts: "
+                         "treat this result with care")
+
+    contended = fp.is_contended(threads, before.get("other_cores"), during.get("other_cores"),
+                                after.get("other_cores"))
+    if contended:
+        notes.append("other processes used cores this measurement needed (see load); "
+                     "absolute times are suspect, ratio_to_reference less so")
+
+    device = fp.device_fingerprint(settings.device, threads)
+    device.update({
+        "threads_requested": settings.threads,
+        "runtime": settings.runtime,
+        "input_shape": list(cand.input_shape),
+        "batch": settings.batch,
+        "resolution": resolution,
+        "dtype": settings.dtype,
+        "channels_last": settings.channels_last,
+        "timer": "cuda_event" if cand.cuda_events else (
+            "perf_counter+synchronize" if cand.cuda else "perf_counter"),
+        "calls_per_block": cand.number,
+        "runtime_info": cand.info,
+    })
+    if settings.device.startswith("cuda"):
+        device["cudnn_benchmark"] = True
+    if ref is not None:
+        device["reference_input_shape"] = list(ref.input_shape)
+        device["reference_calls_per_block"] = ref.number
+
+    dtype_bytes = 2 if settings.dtype in ("float16", "bfloat16") else 4
+    cost = estimate_cost(spec, resolution, settings.batch, dtype_bytes=dtype_bytes)
+    return LatencyResult(
+        latency_ms=best.cand_stats,
+        ratio_to_reference=best.ratio_stats,
+        reference=settings.reference if ref is not None else None,
+        reference_latency_ms=best.ref_stats,
+        runtime=settings.runtime,
+        settings=settings,
+        device=device,
+        load={"before": before, "during": during, "after": after, "free_cores": free,
+              "attempts": len(attempts)},
+        contended=contended,
+        remeasured=remeasured,
+        notes=notes,
+        params=cost.params,
+        macs=cost.macs,
+    )
