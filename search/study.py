@@ -1,0 +1,689 @@
+"""The one search loop: an Optuna study driven by ask / tell, shared by ``fitnas search``
+(evaluates in a local child process) and the service scheduler (remote workers).
+
+The driver never evaluates anything itself. :meth:`SearchDriver.ask` samples a spec,
+costs it exactly, tells Optuna at once when the candidate is over a params / MACs /
+memory budget (pre-screening) or when the measurement cache already holds its result,
+and otherwise hands back an :class:`~search.evaluators.types.EvalTask`.
+:meth:`SearchDriver.tell` records an :class:`~search.evaluators.types.EvalOutcome`.
+
+Constraints (Optuna 5 ``Trial.set_constraint``, <= 0 feasible) are relative:
+``value / budget - 1``, so that violations of different budgets are comparable when
+samplers rank infeasible trials by their summed violation. Every constraint and cost
+figure is also a numeric user attribute (optuna-dashboard shows and sorts those).
+See docs/search.md for the choices and what Optuna's samplers do with them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import socket
+import time
+import warnings
+from collections.abc import Iterable
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from blocks.cost import CostReport, estimate_cost
+from blocks.spec import ArchSpec
+from search.evaluators.types import (
+    EvalOutcome,
+    EvalTask,
+    MeasureSettings,
+    QualitySettings,
+)
+from search.space import DesignSpace, spec_summary
+
+DIRECTIONS = ["maximize", "minimize"]
+METRIC_NAMES = ["quality", "latency_ms"]
+CONFIG_ATTR = "fitnas.config"
+CONFIG_HASH_ATTR = "fitnas.config_hash"
+MODE_ATTR = "fitnas.mode"
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+MIB = 1024 * 1024
+
+# Trial user attribute "status": what happened to the candidate.
+STATUS_MEASURED = "measured"
+STATUS_CACHED = "cached"
+STATUS_OVER_BUDGET = "over_budget"
+STATUS_FAILED = "failed"
+STATUS_INTERRUPTED = "interrupted"
+STATUS_PENDING = "pending"
+
+
+class SearchError(RuntimeError):
+    """A search that cannot start or go on; the message is one line for a person."""
+
+
+# ---- configuration ------------------------------------------------------------------------
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Budgets(_Model):
+    """Hard constraints. Latency is absolute (ms) or relative to the reference network
+    measured interleaved in the same process (``LatencyResult.ratio_to_reference``)."""
+
+    max_latency_ms: float | None = Field(None, gt=0)
+    max_latency_ratio: float | None = Field(None, gt=0)
+    max_params: int | None = Field(None, ge=1)
+    max_macs: int | None = Field(None, ge=1, description="multiply-accumulates per image")
+    max_activation_bytes: int | None = Field(
+        None, ge=1, description="peak activation working set at the measured batch and dtype")
+
+    def cost_limits(self) -> dict[str, float]:
+        limits = {"params": self.max_params, "macs": self.max_macs,
+                  "activation_bytes": self.max_activation_bytes}
+        return {k: float(v) for k, v in limits.items() if v is not None}
+
+    def is_empty(self) -> bool:
+        return all(v is None for v in self.model_dump().values())
+
+
+SamplerName = Literal["tpe", "nsga2", "random"]
+
+
+class SearchConfig(_Model):
+    """Everything that defines a search. JSON-able; stored on the study as a user attr."""
+
+    space: DesignSpace
+    target: str = Field("cpu", min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.:@/-]+$")
+    budgets: Budgets = Budgets()
+    trials: int = Field(30, ge=1, le=100_000)
+    measure: MeasureSettings = MeasureSettings()
+    quality: QualitySettings = QualitySettings()
+    sampler: SamplerName = "tpe"
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    population_size: int | None = Field(None, ge=2, le=1000, description="NSGA-II; "
+                                        "default 20")
+    timeout_s: float = Field(300.0, gt=0, le=24 * 3600, description="per evaluation")
+    memory_mb: int = Field(4096, ge=64, le=1_048_576, description="per evaluation")
+
+    @model_validator(mode="after")
+    def _check(self) -> SearchConfig:
+        if self.budgets.max_latency_ratio is not None and self.measure.reference is None:
+            raise ValueError("a relative latency budget needs a reference network "
+                             "(measure.reference)")
+        return self
+
+    def identity(self) -> dict[str, Any]:
+        """What makes two searches the same study: everything but the trial count and the
+        per-evaluation limits (so that a resumed search may ask for more trials)."""
+        data = self.model_dump(mode="json")
+        for key in ("trials", "timeout_s", "memory_mb"):
+            data.pop(key, None)
+        return data
+
+    def config_hash(self) -> str:
+        text = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def default_study_name(self) -> str:
+        return f"fitnas-{self.space.name}-{self.config_hash()[:12]}"
+
+    def cache_key(self, spec: ArchSpec) -> str:
+        """The measurement settings' key; the quality settings are folded in when a
+        quality signal is asked for (the cached outcome carries both)."""
+        key = self.measure.key(spec.hash, self.target)
+        if self.quality.signal == "none":
+            return key
+        q = json.dumps(self.quality.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(f"{key}|{q}".encode()).hexdigest()
+
+    def eval_task(self, spec: ArchSpec) -> EvalTask:
+        return EvalTask(
+            spec=spec.canonical_dict(),
+            measure=self.measure,
+            quality=None if self.quality.signal == "none" else self.quality,
+            timeout_s=self.timeout_s,
+            memory_mb=self.memory_mb,
+        )
+
+
+# ---- measurement cache ---------------------------------------------------------------------
+
+
+@runtime_checkable
+class MeasurementCache(Protocol):
+    def get(self, key: str) -> EvalOutcome | None: ...
+
+    def put(self, key: str, outcome: EvalOutcome) -> None: ...
+
+
+class SQLMeasurementCache:
+    """Successful outcomes by key in table ``fitnas_local_measurements`` of any SQLAlchemy
+    database (by default the study's own storage database)."""
+
+    TABLE = "fitnas_local_measurements"
+
+    def __init__(self, url: str):
+        import sqlalchemy as sa
+
+        self._sa = sa
+        self.engine = sa.create_engine(url, **_engine_kwargs(url))
+        if sqlite_path(url) is not None:
+            tune_sqlite(self.engine)
+        meta = sa.MetaData()
+        self.table = sa.Table(
+            self.TABLE, meta,
+            sa.Column("key", sa.String(64), primary_key=True),
+            sa.Column("outcome", sa.Text, nullable=False),
+            sa.Column("created_at", sa.Float, nullable=False),
+        )
+        meta.create_all(self.engine, checkfirst=True)
+
+    def get(self, key: str) -> EvalOutcome | None:
+        sa = self._sa
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(self.table.c.outcome).where(self.table.c.key == key)
+            ).first()
+        if row is None:
+            return None
+        try:
+            return EvalOutcome.model_validate_json(row[0])
+        except ValueError:
+            return None  # written by an incompatible version: measure again
+
+    def put(self, key: str, outcome: EvalOutcome) -> None:
+        sa = self._sa
+        values = {"outcome": outcome.model_dump_json(), "created_at": time.time()}
+        with self.engine.begin() as conn:
+            updated = conn.execute(
+                sa.update(self.table).where(self.table.c.key == key).values(**values)
+            ).rowcount
+            if not updated:
+                try:
+                    with conn.begin_nested():
+                        conn.execute(sa.insert(self.table).values(key=key, **values))
+                except sa.exc.IntegrityError:
+                    pass  # another process stored the same key meanwhile: equal content
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+# ---- storage --------------------------------------------------------------------------------
+
+
+def _engine_kwargs(url: str) -> dict[str, Any]:
+    if url.startswith("sqlite"):
+        # Waiting on a lock beats failing with "database is locked".
+        return {"connect_args": {"timeout": 120}}
+    return {"pool_pre_ping": True}
+
+
+def sqlite_path(url: str) -> str | None:
+    """The file of a ``sqlite:///path`` URL (None for other databases / in-memory)."""
+    if not url.startswith("sqlite:///"):
+        return None
+    path = url[len("sqlite:///"):].split("?")[0]
+    if not path or path == ":memory:":
+        return None
+    return path
+
+
+def make_storage(url: str) -> optuna.storages.RDBStorage:
+    """An Optuna RDB storage for any SQLAlchemy URL. SQLite files get their folder
+    created and write-ahead logging, so a dashboard reading the file does not block the
+    search writing it."""
+    path = sqlite_path(url)
+    if path is not None:
+        import sqlite3
+
+        parent = os.path.dirname(os.path.abspath(path))
+        os.makedirs(parent, exist_ok=True)
+        con = sqlite3.connect(path, timeout=120)
+        try:
+            con.execute("PRAGMA journal_mode=WAL")
+        finally:
+            con.close()
+    try:
+        storage = optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url))
+    except Exception as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SearchError(f"cannot open storage {redact_url(url)}: {msg}") from exc
+    if path is not None:
+        tune_sqlite(storage.engine)
+    return storage
+
+
+def tune_sqlite(engine: Any) -> None:
+    """WAL with synchronous=NORMAL: a commit no longer waits for an fsync (a search makes
+    thousands of small ones: one per parameter and attribute). The database cannot be
+    corrupted by a crash; at worst the last commits before a power cut are lost."""
+    import sqlalchemy as sa
+
+    def _pragmas(dbapi_con: Any, _record: Any) -> None:
+        cur = dbapi_con.cursor()
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.close()
+
+    sa.event.listen(engine, "connect", _pragmas)
+    engine.dispose()  # connections opened before the listener reconnect with it
+
+
+def redact_url(url: str) -> str:
+    """The URL without a password, for messages."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url.split("@")[-1] if "@" in url else url
+
+
+def make_sampler(config: SearchConfig, offset: int = 0) -> optuna.samplers.BaseSampler:
+    """The configured sampler. A seeded sampler is seeded with ``seed + offset`` (offset =
+    trials already in the study) so that a resumed search does not replay the random
+    stream of its first run and propose the same candidates again."""
+    seed = None if config.seed is None else (config.seed + offset) % (2**31 - 1)
+    if config.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if config.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(
+            seed=seed, population_size=config.population_size or 20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(
+            seed=seed,
+            multivariate=True,
+            group=True,  # conditional parameters (per-kind knobs) are grouped
+            constant_liar=True,  # parallel workers: avoid proposing near running trials
+            n_startup_trials=max(4, min(10, config.trials // 3)),
+        )
+
+
+# ---- the driver -----------------------------------------------------------------------------
+
+
+class Proposal(BaseModel):
+    """What :meth:`SearchDriver.ask` returns. ``task`` is None when the trial is already
+    told (``reason``: ``over_budget`` or ``cached``)."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    trial_number: int
+    spec: ArchSpec
+    cost: CostReport
+    cache_key: str
+    task: EvalTask | None = None
+    told: bool = False
+    reason: str | None = None
+
+
+def _owner() -> str:
+    """host:pid:process-start-time, to tell a live local search from a dead one."""
+    try:
+        import psutil
+
+        started = int(psutil.Process().create_time())
+    except Exception:
+        started = 0
+    return f"{socket.gethostname()}:{os.getpid()}:{started}"
+
+
+def owner_alive(owner: str | None) -> bool:
+    """Whether the process that owns a trial still runs. Owners on other hosts count as
+    alive: this machine cannot see them."""
+    if not owner:
+        return False
+    try:
+        host, pid_s, started_s = owner.rsplit(":", 2)
+        pid, started = int(pid_s), int(started_s)
+    except ValueError:
+        return False
+    if host != socket.gethostname():
+        return True
+    try:
+        import psutil
+
+        proc = psutil.Process(pid)
+        return started == 0 or abs(int(proc.create_time()) - started) <= 1
+    except Exception:
+        return False
+
+
+class SearchDriver:
+    """ask / tell over one Optuna study; no evaluation happens here."""
+
+    def __init__(self, study: optuna.Study, config: SearchConfig,
+                 cache: MeasurementCache | None = None, owner: str | None = None):
+        self.study = study
+        self.config = config
+        self.cache = cache
+        self.owner = owner
+
+    # ---- opening ------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, storage: str | optuna.storages.BaseStorage, study_name: str,
+             config: SearchConfig, cache: MeasurementCache | None = None, *,
+             mode: str = "local", owner: str | None = None) -> SearchDriver:
+        """Create the study, or load it when it exists with the same configuration
+        (the trial count may differ). ``mode`` is recorded on the study ("local" for
+        ``fitnas search``, "service" for jobs) and must match when loading."""
+        if isinstance(storage, str):
+            storage = make_storage(storage)
+        existing = 0
+        try:
+            sid = storage.get_study_id_from_name(study_name)
+        except KeyError:
+            sid = None
+        if sid is not None:
+            existing = len(storage.get_all_trials(sid, deepcopy=False))
+        sampler = make_sampler(config, offset=existing)
+        try:
+            study = optuna.create_study(
+                storage=storage, study_name=study_name, directions=DIRECTIONS,
+                sampler=sampler, load_if_exists=True)
+        except ValueError as exc:
+            raise SearchError(f"study {study_name!r}: {exc}") from exc
+        attrs = study.user_attrs
+        if CONFIG_HASH_ATTR in attrs:
+            if [d.name.lower() for d in study.directions] != DIRECTIONS:
+                raise SearchError(f"study {study_name!r} exists with other objectives")
+            if attrs[CONFIG_HASH_ATTR] != config.config_hash():
+                raise SearchError(
+                    f"study {study_name!r} exists with a different configuration; "
+                    "give another --study name (or the same options as before)")
+            if attrs.get(MODE_ATTR, mode) != mode:
+                raise SearchError(
+                    f"study {study_name!r} belongs to a {attrs.get(MODE_ATTR)} search, "
+                    f"not a {mode} one")
+        elif len(study.trials) > 0:
+            raise SearchError(f"study {study_name!r} exists and was not made by fitnas")
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.set_metric_names(METRIC_NAMES)
+            study.set_user_attr(CONFIG_HASH_ATTR, config.config_hash())
+            study.set_user_attr(MODE_ATTR, mode)
+        # the latest full configuration (the trial count may have changed on resume)
+        study.set_user_attr(CONFIG_ATTR, config.model_dump(mode="json"))
+        study.set_user_attr("fitnas.target", config.target)
+        for key, value in config.budgets.model_dump().items():
+            if value is not None:
+                study.set_user_attr(f"fitnas.budget.{key}", value)
+        return cls(study, config, cache, owner=owner)
+
+    # ---- ask ------------------------------------------------------------------------------
+
+    def cost(self, spec: ArchSpec) -> CostReport:
+        m = self.config.measure
+        return estimate_cost(spec, resolution=m.resolution, batch=m.batch,
+                             dtype_bytes=DTYPE_BYTES[m.dtype])
+
+    def cost_constraints(self, cost: CostReport) -> dict[str, float]:
+        """Relative violations of the params / MACs / memory budgets (<= 0 feasible)."""
+        figures = {"params": cost.params, "macs": cost.macs // max(1, cost.batch),
+                   "activation_bytes": cost.activation_bytes}
+        return {k: figures[k] / limit - 1.0
+                for k, limit in self.config.budgets.cost_limits().items()}
+
+    def ask(self) -> Proposal:
+        trial = self.study.ask()
+        number = trial.number
+        if self.owner:
+            trial.set_user_attr("owner", self.owner)
+        try:
+            spec = self.config.space.sample(trial)
+            cost = self.cost(spec)
+        except Exception as exc:
+            # The space's repairs make this unreachable (tests/test_space.py); if a
+            # custom space still gets here, fail the trial with a reason and say so.
+            self._fail(trial, "invalid_spec", f"sampling failed: {exc}")
+            raise SearchError(f"the design space produced an invalid spec: {exc}") from exc
+        key = self.config.cache_key(spec)
+        attrs: dict[str, Any] = {
+            "spec": spec.canonical_json(),
+            "spec_hash": spec.hash,
+            "spec_compact": spec.to_compact(),
+            "summary": spec_summary(spec),
+            "cache_key": key,
+            "target": self.config.target,
+            "resolution": spec.resolution if self.config.measure.resolution is None
+            else self.config.measure.resolution,
+            "params": cost.params,
+            "macs": cost.macs // max(1, cost.batch),
+            "activation_bytes": cost.activation_bytes,
+            "activation_mb": round(cost.activation_bytes / MIB, 4),
+            "status": STATUS_PENDING,
+        }
+        constraints = self.cost_constraints(cost)
+        for name, value in constraints.items():
+            attrs[f"constraint_{name}"] = value
+        for k, v in attrs.items():
+            trial.set_user_attr(k, v)
+        over = [name for name, value in constraints.items() if value > 0]
+        if over:
+            # Pre-screened: never measured. Told PRUNED with its constraints: TPE ranks it
+            # with the infeasible trials by violation; dashboards show it as Pruned, not
+            # as a point on the objective plots (docs/search.md, "Pre-screening").
+            for name, value in constraints.items():
+                trial.set_constraint(name, value)
+            trial.set_user_attr("status", STATUS_OVER_BUDGET)
+            trial.set_user_attr("over_budget", ",".join(over))
+            trial.set_user_attr("feasible", 0)
+            self.study.tell(number, state=TrialState.PRUNED)
+            return Proposal(trial_number=number, spec=spec, cost=cost, cache_key=key,
+                            told=True, reason=STATUS_OVER_BUDGET)
+        if self.cache is not None:
+            hit = self.cache.get(key)
+            if hit is not None and hit.ok:
+                self._record(trial, hit, status=STATUS_CACHED)
+                return Proposal(trial_number=number, spec=spec, cost=cost, cache_key=key,
+                                told=True, reason=STATUS_CACHED)
+        return Proposal(trial_number=number, spec=spec, cost=cost, cache_key=key,
+                        task=self.config.eval_task(spec))
+
+    # ---- tell -----------------------------------------------------------------------------
+
+    def _frozen(self, trial_number: int) -> FrozenTrial:
+        storage = self.study._storage
+        trial_id = storage.get_trial_id_from_study_id_trial_number(
+            self.study._study_id, trial_number)
+        return storage.get_trial(trial_id)
+
+    def _trial(self, frozen: FrozenTrial) -> optuna.trial.Trial:
+        return optuna.trial.Trial(self.study, frozen._trial_id)
+
+    def tell(self, trial_number: int, outcome: EvalOutcome) -> None:
+        """Record an outcome. Idempotent: a trial already finished is left alone."""
+        frozen = self._frozen(trial_number)
+        if frozen.state.is_finished():
+            return
+        self._record(self._trial(frozen), outcome, status=STATUS_MEASURED)
+
+    def _record(self, trial: optuna.trial.Trial, outcome: EvalOutcome, status: str) -> None:
+        number = trial.number
+        if not outcome.ok:
+            failure = outcome.failure
+            self._fail(trial, failure.reason if failure else "runtime_error",
+                       failure.message if failure else "evaluation failed without a reason",
+                       seconds=outcome.seconds)
+            return
+        lat = outcome.latency
+        if lat is None:
+            self._fail(trial, "runtime_error", "the outcome has no latency measurement")
+            return
+        if self.config.quality.signal == "none" or outcome.quality is None:
+            quality = 0.0
+            if self.config.quality.signal != "none":
+                self._fail(trial, "runtime_error", "the outcome has no quality value")
+                return
+        else:
+            quality = float(outcome.quality.value)
+        if not math.isfinite(quality):
+            self._fail(trial, "runtime_error", f"quality is not finite ({quality})")
+            return
+        budgets = self.config.budgets
+        constraints = dict(self._stored_cost_constraints(trial))
+        ratio = lat.ratio_to_reference.median if lat.ratio_to_reference else None
+        if budgets.max_latency_ms is not None:
+            constraints["latency_ms"] = lat.latency_ms.median / budgets.max_latency_ms - 1.0
+        if budgets.max_latency_ratio is not None:
+            if ratio is None:
+                self._fail(trial, "runtime_error",
+                           "a relative latency budget, but no ratio to the reference came back")
+                return
+            constraints["latency_ratio"] = ratio / budgets.max_latency_ratio - 1.0
+        attrs: dict[str, Any] = {
+            "status": status,
+            "quality": quality,
+            "latency_ms": lat.latency_ms.median,
+            "latency_p90_ms": lat.latency_ms.p90,
+            "latency_iqr_ms": lat.latency_ms.iqr,
+            "latency_cv": lat.latency_ms.cv,
+            "latency_n": lat.latency_ms.n,
+            "contended": int(bool(lat.contended)),
+            "remeasured": int(bool(lat.remeasured)),
+            "runtime": lat.runtime,
+            "device": lat.device,
+            "eval_seconds": outcome.seconds,
+        }
+        if ratio is not None:
+            attrs["latency_ratio"] = ratio
+            attrs["reference"] = lat.reference
+            if lat.reference_latency_ms is not None:
+                attrs["reference_latency_ms"] = lat.reference_latency_ms.median
+        if outcome.quality is not None:
+            attrs["quality_signal"] = outcome.quality.signal
+            attrs["quality_seconds"] = outcome.quality.seconds
+        if lat.notes:
+            attrs["latency_notes"] = "; ".join(lat.notes)[:2000]
+        for name, value in constraints.items():
+            attrs[f"constraint_{name}"] = value
+        attrs["feasible"] = int(all(v <= 0 for v in constraints.values()))
+        for k, v in attrs.items():
+            trial.set_user_attr(k, v)
+        for name, value in constraints.items():
+            trial.set_constraint(name, value)
+        if status == STATUS_MEASURED and self.cache is not None:
+            key = trial.user_attrs.get("cache_key")
+            if key:
+                self.cache.put(key, outcome)
+        self.study.tell(number, [quality, lat.latency_ms.median])
+
+    def _stored_cost_constraints(self, trial: optuna.trial.Trial) -> dict[str, float]:
+        attrs = trial.user_attrs
+        out = {}
+        for name in self.config.budgets.cost_limits():
+            value = attrs.get(f"constraint_{name}")
+            if value is not None:
+                out[name] = float(value)
+        return out
+
+    def _fail(self, trial: optuna.trial.Trial, reason: str, message: str,
+              seconds: float | None = None, status: str = STATUS_FAILED) -> None:
+        trial.set_user_attr("status", status)
+        trial.set_user_attr("fail_reason", reason)
+        trial.set_user_attr("fail_message", message[:2000])
+        trial.set_user_attr("feasible", 0)
+        if seconds is not None:
+            trial.set_user_attr("eval_seconds", seconds)
+        self.study.tell(trial.number, state=TrialState.FAIL)
+
+    def fail_stale(self, trial_numbers: Iterable[int], reason: str = "interrupted",
+                   message: str = "the search stopped before this trial finished") -> list[int]:
+        """Tell FAIL for those of ``trial_numbers`` still RUNNING; returns the ones told."""
+        told = []
+        for number in trial_numbers:
+            frozen = self._frozen(number)
+            if frozen.state != TrialState.RUNNING:
+                continue
+            status = STATUS_INTERRUPTED if reason == "interrupted" else STATUS_FAILED
+            self._fail(self._trial(frozen), reason, message, status=status)
+            told.append(number)
+        return told
+
+    def stale_local_trials(self) -> list[int]:
+        """RUNNING trials whose local owner process is gone (or that have no owner)."""
+        return [t.number for t in self.trials(TrialState.RUNNING)
+                if not owner_alive(t.user_attrs.get("owner"))]
+
+    # ---- reading --------------------------------------------------------------------------
+
+    def trials(self, *states: TrialState) -> list[FrozenTrial]:
+        return self.study.get_trials(deepcopy=False, states=states or None)
+
+    @staticmethod
+    def counts_as_finished(t: FrozenTrial) -> bool:
+        """Finished trials count toward ``trials``, except those failed by an interruption
+        (the resumed search does them again)."""
+        if not t.state.is_finished():
+            return False
+        return not (t.state == TrialState.FAIL
+                    and t.user_attrs.get("status") == STATUS_INTERRUPTED)
+
+    def n_finished(self) -> int:
+        return sum(1 for t in self.trials() if self.counts_as_finished(t))
+
+    def n_running(self) -> int:
+        return len(self.trials(TrialState.RUNNING))
+
+    @staticmethod
+    def is_feasible(t: FrozenTrial) -> bool:
+        return (t.state == TrialState.COMPLETE and t.values is not None
+                and all(v <= 0 for v in t.constraints.values()))
+
+    def feasible(self) -> list[FrozenTrial]:
+        return [t for t in self.trials(TrialState.COMPLETE) if self.is_feasible(t)]
+
+    def best_feasible(self) -> FrozenTrial | None:
+        """The feasible trial of highest quality (ties: lower latency, then earlier)."""
+        feasible = self.feasible()
+        if not feasible:
+            return None
+        return min(feasible, key=lambda t: (-t.values[0], t.values[1], t.number))
+
+    def pareto(self) -> list[FrozenTrial]:
+        """Feasible, non-dominated trials (max quality, min latency), one per spec,
+        sorted by latency."""
+        by_hash: dict[str, FrozenTrial] = {}
+        for t in sorted(self.feasible(), key=lambda t: t.number):
+            by_hash.setdefault(t.user_attrs.get("spec_hash", str(t.number)), t)
+        cands = sorted(by_hash.values(), key=lambda t: (t.values[1], -t.values[0], t.number))
+        front: list[FrozenTrial] = []
+        best_q = -math.inf
+        for t in cands:
+            if t.values[0] > best_q:
+                front.append(t)
+                best_q = t.values[0]
+        return front
+
+    def recommend(self) -> FrozenTrial | None:
+        """The recommended architecture: on the feasible Pareto front, the highest quality
+        (every member already meets every budget); ties go to the faster."""
+        front = self.pareto()
+        if not front:
+            return None
+        return min(front, key=lambda t: (-t.values[0], t.values[1], t.number))
+
+    def spec_of(self, t: FrozenTrial) -> ArchSpec:
+        return ArchSpec.model_validate_json(t.user_attrs["spec"])
+
+
+__all__ = [
+    "DIRECTIONS",
+    "METRIC_NAMES",
+    "Budgets",
+    "MeasurementCache",
+    "Proposal",
+    "SQLMeasurementCache",
+    "SearchConfig",
+    "SearchDriver",
+    "SearchError",
+    "make_sampler",
+    "make_storage",
+    "owner_alive",
+    "redact_url",
+]

@@ -1,0 +1,311 @@
+"""The search driver (ask / tell over one Optuna study), with outcomes built by hand: the
+driver never evaluates, so these are the outcomes a runner or a worker would report."""
+
+from __future__ import annotations
+
+import math
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from search.evaluators.types import (
+    EvalOutcome,
+    Failure,
+    LatencyResult,
+    LatencyStats,
+    MeasureSettings,
+    QualityResult,
+    QualitySettings,
+)
+from search.space import DesignSpace
+from search.study import (
+    Budgets,
+    SearchConfig,
+    SearchDriver,
+    SearchError,
+    SQLMeasurementCache,
+    make_storage,
+)
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+TINY_SPACE = {
+    "name": "tiny",
+    "num_classes": 10,
+    "resolution": [32],
+    "width_mult": [0.5, 1.0],
+    "stem": {"width": [8, 16]},
+    "stages": [
+        {"kinds": ["mbconv", "ds", "conv"], "stride": 2, "width": [16, 32, 64],
+         "depth": [1, 3], "kernel": [3, 5]},
+        {"kinds": ["mbconv", "bottleneck"], "stride": 2, "width": [32, 64, 128],
+         "depth": [1, 2]},
+    ],
+}
+
+
+def tiny_config(**kw) -> SearchConfig:
+    base = dict(space=DesignSpace.from_dict(TINY_SPACE), target="cpu", trials=12, seed=7,
+                measure=MeasureSettings(reference="preset:mobilenet_v2@0.5"),
+                quality=QualitySettings(signal="synflow"))
+    base.update(kw)
+    return SearchConfig(**base)
+
+
+def stats(median: float) -> LatencyStats:
+    return LatencyStats(median=median, p90=median * 1.1, iqr=median * 0.05, cv=0.03, n=7,
+                        mean=median, min=median * 0.95, max=median * 1.2)
+
+
+def outcome_for(proposal, config: SearchConfig, latency_ms: float, quality: float,
+                ratio: float | None = 0.8) -> EvalOutcome:
+    lat = LatencyResult(
+        latency_ms=stats(latency_ms),
+        ratio_to_reference=stats(ratio) if ratio is not None else None,
+        reference=config.measure.reference,
+        reference_latency_ms=stats(latency_ms / ratio) if ratio else None,
+        runtime="eager", settings=config.measure,
+        device={"cpu": "test-cpu", "threads": 1}, params=proposal.cost.params,
+        macs=proposal.cost.macs)
+    return EvalOutcome(ok=True, latency=lat, seconds=1.5,
+                       quality=QualityResult(signal="synflow", value=quality, seconds=0.2))
+
+
+@pytest.fixture
+def url(tmp_path):
+    return f"sqlite:///{tmp_path}/search.db"
+
+
+def open_driver(url, config, cache=True):
+    return SearchDriver.open(url, "s", config, SQLMeasurementCache(url) if cache else None)
+
+
+def test_open_sets_directions_metric_names_and_config(url):
+    config = tiny_config(budgets=Budgets(max_latency_ms=5.0))
+    driver = open_driver(url, config)
+    study = optuna.load_study(study_name="s", storage=url)
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    assert study.metric_names == ["quality", "latency_ms"]
+    stored = SearchConfig.model_validate(study.user_attrs["fitnas.config"])
+    assert stored == config
+    assert study.user_attrs["fitnas.budget.max_latency_ms"] == 5.0
+    # same config again (other trial count): loads; other config: refused, one line
+    again = open_driver(url, tiny_config(budgets=Budgets(max_latency_ms=5.0), trials=99))
+    assert again.study._study_id == driver.study._study_id
+    with pytest.raises(SearchError, match="different configuration"):
+        open_driver(url, tiny_config(budgets=Budgets(max_latency_ms=6.0)))
+
+
+def test_measured_trials_get_constraints_and_numeric_user_attrs(url):
+    config = tiny_config(budgets=Budgets(max_latency_ms=5.0, max_params=10_000_000,
+                                         max_latency_ratio=1.0))
+    driver = open_driver(url, config)
+    fast = driver.ask()
+    assert fast.task is not None and not fast.told
+    assert fast.task.spec == fast.spec.canonical_dict()
+    assert fast.task.quality.signal == "synflow"
+    driver.tell(fast.trial_number, outcome_for(fast, config, 4.0, 3.5, ratio=0.9))
+    slow = driver.ask()
+    driver.tell(slow.trial_number, outcome_for(slow, config, 6.0, 9.0, ratio=1.2))
+
+    t_fast, t_slow = driver.trials()
+    assert t_fast.state == t_slow.state == TrialState.COMPLETE
+    assert t_fast.values == [3.5, 4.0]
+    assert t_fast.constraints["latency_ms"] == pytest.approx(4.0 / 5.0 - 1)
+    assert t_fast.constraints["latency_ratio"] == pytest.approx(0.9 - 1)
+    assert t_fast.constraints["params"] == pytest.approx(fast.cost.params / 1e7 - 1)
+    assert t_slow.constraints["latency_ms"] == pytest.approx(0.2)
+    assert t_slow.constraints["latency_ratio"] == pytest.approx(0.2)
+    ua = t_fast.user_attrs
+    for key in ("params", "macs", "activation_bytes", "latency_ms", "latency_p90_ms",
+                "latency_iqr_ms", "latency_cv", "latency_ratio", "quality",
+                "constraint_latency_ms", "constraint_latency_ratio", "constraint_params",
+                "feasible"):
+        assert isinstance(ua[key], int | float) and not isinstance(ua[key], bool), key
+    assert ua["params"] == fast.cost.params and ua["latency_ms"] == 4.0
+    assert ua["spec_hash"] == fast.spec.hash
+    assert ua["spec_compact"] == fast.spec.to_compact()
+    assert ua["device"]["cpu"] == "test-cpu"
+    assert (ua["feasible"], t_slow.user_attrs["feasible"]) == (1, 0)
+    assert ua["status"] == "measured"
+    # the infeasible slow one (better quality) is neither on the Pareto set nor the winner
+    assert [t.number for t in driver.pareto()] == [fast.trial_number]
+    assert driver.recommend().number == fast.trial_number
+    assert driver.best_feasible().number == fast.trial_number
+    # Optuna agrees: best_trials filters by the constraints we set
+    assert [t.number for t in driver.study.best_trials] == [fast.trial_number]
+
+
+def test_prescreening_tells_over_budget_without_a_task(url):
+    # a params budget below the smallest candidate of the space: nothing is measured
+    config = tiny_config(budgets=Budgets(max_latency_ms=5.0, max_params=1_000))
+    driver = open_driver(url, config)
+    for _ in range(4):
+        p = driver.ask()
+        assert p.told and p.task is None and p.reason == "over_budget"
+    trials = driver.trials()
+    assert all(t.state == TrialState.PRUNED for t in trials)
+    t = trials[0]
+    assert t.constraints["params"] == pytest.approx(t.user_attrs["params"] / 1000 - 1)
+    assert t.constraints["params"] > 0
+    assert "latency_ms" not in t.constraints  # never measured
+    assert t.user_attrs["status"] == "over_budget"
+    assert t.user_attrs["over_budget"] == "params"
+    assert driver.n_finished() == 4 and driver.pareto() == [] and driver.recommend() is None
+
+
+def test_tpe_learns_from_prescreened_trials(url):
+    """Pre-screened trials are PRUNED with constraints: TPE puts them among the
+    infeasible ones (it reads PRUNED trials; it ignores FAIL)."""
+    from optuna.samplers._tpe.sampler import _split_trials
+
+    config = tiny_config(budgets=Budgets(max_latency_ms=5.0, max_macs=3_000_000))
+    driver = open_driver(url, config)
+    told = measured = 0
+    while told < 3 or measured < 3:
+        p = driver.ask()
+        if p.told:
+            told += 1
+        else:
+            measured += 1
+            driver.tell(p.trial_number, outcome_for(p, config, 1.0 + measured, 1.0))
+    trials = driver.trials(TrialState.COMPLETE, TrialState.PRUNED)
+    below, above = _split_trials(driver.study, trials, 3)
+    # the feasible measured trials are preferred ("below"); the over-budget ones are not
+    assert all(t.state == TrialState.COMPLETE for t in below)
+    assert {t.number for t in trials if t.state == TrialState.PRUNED} <= {t.number for t in above}
+
+
+def test_failures_are_told_fail_with_reason_and_tell_is_idempotent(url):
+    config = tiny_config(budgets=Budgets(max_latency_ms=5.0))
+    driver = open_driver(url, config)
+    p = driver.ask()
+    bad = EvalOutcome(ok=False, failure=Failure(reason="timeout", message="no result after 1 s"),
+                      seconds=1.0)
+    driver.tell(p.trial_number, bad)
+    t = driver.trials()[0]
+    assert t.state == TrialState.FAIL
+    assert t.user_attrs["fail_reason"] == "timeout"
+    assert t.user_attrs["fail_message"] == "no result after 1 s"
+    # a second report (a retried worker) changes nothing
+    driver.tell(p.trial_number, outcome_for(p, config, 1.0, 1.0))
+    again = driver.trials()[0]
+    assert again.state == TrialState.FAIL and again.values is None
+    # a non-finite quality is a failure, not a point on the front
+    q = driver.ask()
+    driver.tell(q.trial_number, outcome_for(q, config, 1.0, math.nan))
+    assert driver.trials()[1].state == TrialState.FAIL
+    assert "not finite" in driver.trials()[1].user_attrs["fail_message"]
+    assert driver.n_finished() == 2
+
+
+def test_duplicate_spec_reuses_the_cached_measurement(url):
+    # a one-point space: every trial is the same spec
+    one = dict(TINY_SPACE, width_mult=[1.0],
+               stem={"width": [8]},
+               stages=[{"kinds": ["mbconv"], "stride": 2, "width": [16], "depth": 1}])
+    config = tiny_config(space=DesignSpace.from_dict(one))
+    driver = open_driver(url, config)
+    first = driver.ask()
+    assert first.task is not None
+    driver.tell(first.trial_number, outcome_for(first, config, 2.5, 4.0))
+    second = driver.ask()
+    assert second.told and second.task is None and second.reason == "cached"
+    assert second.cache_key == first.cache_key
+    t = driver.trials()[1]
+    assert t.state == TrialState.COMPLETE and t.values == [4.0, 2.5]
+    assert t.user_attrs["status"] == "cached"
+    # the cache survives the process: a new driver on the same storage reuses it
+    third = open_driver(url, config).ask()
+    assert third.reason == "cached"
+    # other measurement settings are another key: measured again
+    other = tiny_config(space=DesignSpace.from_dict(one),
+                        measure=MeasureSettings(runtime="onnxruntime"))
+    fresh = SearchDriver.open(url, "other", other, SQLMeasurementCache(url)).ask()
+    assert fresh.task is not None and fresh.cache_key != first.cache_key
+    # the Pareto set holds the spec once
+    assert len(driver.pareto()) == 1
+
+
+def test_failed_outcomes_are_not_cached(url):
+    one = dict(TINY_SPACE, width_mult=[1.0], stem={"width": [8]},
+               stages=[{"kinds": ["ds"], "stride": 2, "width": [16], "depth": 1}])
+    config = tiny_config(space=DesignSpace.from_dict(one))
+    driver = open_driver(url, config)
+    p = driver.ask()
+    driver.tell(p.trial_number, EvalOutcome(ok=False, failure=Failure(
+        reason="crashed", message="killed by SIGSEGV")))
+    assert driver.ask().task is not None  # measured again, not a cached failure
+
+
+def test_fail_stale_and_resume_counting(url):
+    config = tiny_config(budgets=Budgets(max_latency_ms=50.0))
+    driver = open_driver(url, config)
+    done = driver.ask()
+    driver.tell(done.trial_number, outcome_for(done, config, 3.0, 1.0))
+    left = [driver.ask().trial_number for _ in range(2)]
+    assert driver.n_running() == 2 and driver.n_finished() == 1
+    # trials without a live owner are stale
+    assert driver.stale_local_trials() == left
+    assert driver.fail_stale([*left, done.trial_number]) == left
+    assert driver.n_running() == 0
+    t = driver.trials()[left[0]]
+    assert t.state == TrialState.FAIL and t.user_attrs["fail_reason"] == "interrupted"
+    # interrupted trials do not count toward --trials: a resumed run does them again
+    assert driver.n_finished() == 1
+    # a trial owned by this live process is not stale
+    mine = SearchDriver.open(url, "s", config, owner=_this_owner())
+    p = mine.ask()
+    assert p.trial_number not in mine.stale_local_trials()
+
+
+def _this_owner():
+    from search.study import _owner
+
+    return _owner()
+
+
+def test_resumed_seeded_sampler_does_not_replay_the_first_run(url):
+    config = tiny_config(sampler="random", seed=3)
+    first = open_driver(url, config, cache=False)
+    a = [first.ask().spec.hash for _ in range(3)]
+    second = open_driver(url, config, cache=False)
+    b = [second.ask().spec.hash for _ in range(3)]
+    assert a != b
+    # while the same seed on a fresh study repeats the same proposals
+    fresh = SearchDriver.open(url, "fresh", config)
+    assert [fresh.ask().spec.hash for _ in range(3)] == a
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "nsga2", "random"])
+def test_samplers_run_a_constrained_loop(url, sampler):
+    """Each sampler drives a short loop with hard constraints; every Pareto member is
+    feasible and the driver's front matches Optuna's own constrained best_trials."""
+    config = tiny_config(sampler=sampler, population_size=4,
+                         budgets=Budgets(max_latency_ms=2.0, max_params=200_000))
+    driver = open_driver(url, config)
+    while driver.n_finished() < 14:
+        p = driver.ask()
+        if p.task is not None:
+            # a deterministic stand-in for hardware: latency grows with MACs
+            lat = 0.5 + p.cost.macs / 2e6
+            driver.tell(p.trial_number, outcome_for(p, config, lat, math.log(p.cost.params)))
+    front = driver.pareto()
+    for t in front:
+        assert all(v <= 0 for v in t.constraints.values())
+        assert t.values[1] <= 2.0 and t.user_attrs["params"] <= 200_000
+    optuna_front = {t.user_attrs["spec_hash"] for t in driver.study.best_trials}
+    assert {t.user_attrs["spec_hash"] for t in front} == optuna_front
+
+
+def test_storage_url_errors_are_one_line(tmp_path):
+    with pytest.raises(SearchError) as err:
+        make_storage("postgresql+psycopg://nobody@127.0.0.1:1/none")
+    assert "cannot open storage" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_relative_budget_needs_a_reference():
+    with pytest.raises(ValueError, match="reference"):
+        tiny_config(budgets=Budgets(max_latency_ratio=1.0),
+                    measure=MeasureSettings(reference=None))
