@@ -1,0 +1,152 @@
+"""The FastAPI application: ``create_app()`` (what ``fitnas serve`` runs).
+
+Without auth: ``/healthz`` (process up) and ``/readyz`` (database answers and its schema
+is current). ``/metrics`` (Prometheus) answers without auth unless
+``FITNAS_METRICS_REQUIRE_AUTH=true``; it exposes counts only (queue depth per target,
+workers, jobs by status), no job content. Everything else needs a bearer token.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from sqlalchemy.exc import DBAPIError
+
+from service.auth import require_user
+from service.db import Database
+from service.metrics import CONTENT_TYPE, Metrics
+from service.scheduler import Scheduler, SchedulerLoop
+from service.settings import Settings, get_settings
+
+log = logging.getLogger("fitnas.api")
+
+API_DESCRIPTION = """\
+Hardware-aware neural architecture search for efficient CNNs.
+
+* **Users** authenticate with an API key (`Authorization: Bearer fnk_...`, made by
+  `fitnas admin create-key`) and see only their own jobs.
+* **Workers** authenticate with a worker token scoped to one target
+  (`Authorization: Bearer fnw_...`, made by `fitnas admin create-worker-token`) and use
+  only `/v1/workers/register`, `/v1/workers/{id}/heartbeat` and `/v1/tasks/*`.
+"""
+
+
+def create_app(settings: Settings | None = None, *, db: Database | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    _quiet_optuna()
+    db = db or Database.from_settings(settings)
+    metrics = Metrics(db, settings.worker_timeout_s)
+    scheduler = Scheduler(db, settings, metrics=metrics)
+    loop = SchedulerLoop(scheduler, settings.scheduler_interval_s)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if settings.scheduler_enabled:
+            await loop.start()
+            log.info("scheduler running every %.1fs as %s", settings.scheduler_interval_s,
+                     scheduler.owner)
+        try:
+            yield
+        finally:
+            if settings.scheduler_enabled:
+                await loop.stop()
+            db.dispose()
+
+    app = FastAPI(
+        title="fitnas",
+        version=_version(),
+        description=API_DESCRIPTION,
+        lifespan=lifespan,
+        openapi_tags=[
+            {"name": "jobs", "description": "Search jobs, their trials and results"},
+            {"name": "targets and workers", "description": "Device classes and workers"},
+            {"name": "tasks (workers)", "description": "The measurement lease protocol"},
+            {"name": "operations", "description": "Health, readiness, metrics"},
+        ],
+    )
+    app.state.settings = settings
+    app.state.db = db
+    app.state.metrics = metrics
+    app.state.scheduler = scheduler
+    app.state.scheduler_loop = loop if settings.scheduler_enabled else None
+
+    from service import routes_jobs, routes_tasks, routes_workers
+
+    app.include_router(routes_jobs.router)
+    app.include_router(routes_workers.router)
+    app.include_router(routes_tasks.router)
+
+    @app.exception_handler(DBAPIError)
+    async def _db_error(request: Request, exc: DBAPIError):
+        log.error("database error on %s %s: %s", request.method, request.url.path, exc.orig)
+        return JSONResponse(
+            {"detail": "database unavailable, retry later"}, status_code=503,
+            headers={"Retry-After": "2"},
+        )
+
+    @app.get("/healthz", tags=["operations"], summary="Liveness (no auth)")
+    def healthz():
+        return {"status": "ok"}
+
+    @app.get(
+        "/readyz",
+        tags=["operations"],
+        summary="Readiness: the database answers and is migrated (no auth)",
+        responses={503: {"description": "Database down or schema not current"}},
+    )
+    def readyz():
+        try:
+            import migrations
+
+            current = migrations.current_revision(db.engine)
+            head = _head()
+        except Exception as exc:
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            return JSONResponse({"status": "unavailable", "detail": msg[:300]}, status_code=503)
+        if current != head:
+            return JSONResponse(
+                {"status": "unavailable",
+                 "detail": f"database schema at {current}, expected {head}: run "
+                 "`fitnas db upgrade`"},
+                status_code=503,
+            )
+        return {"status": "ready"}
+
+    metrics_deps = [Depends(require_user)] if settings.metrics_require_auth else []
+
+    @app.get("/metrics", tags=["operations"], dependencies=metrics_deps,
+             summary="Prometheus metrics", response_class=Response)
+    def prometheus_metrics():
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    return app
+
+
+def _quiet_optuna() -> None:
+    # one INFO line per study/trial would drown the API log
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+_HEAD: list[str] = []
+
+
+def _head() -> str:
+    if not _HEAD:
+        import migrations
+
+        _HEAD.append(migrations.head_revision())
+    return _HEAD[0]
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("fitnas")
+    except Exception:  # pragma: no cover - running from a source tree without install
+        return "0.0.0"

@@ -1,0 +1,368 @@
+"""The task lease protocol, as database operations (the HTTP layer is routes_tasks.py).
+
+Every state change is one short transaction around a conditional ``UPDATE ... WHERE
+state = ... AND lease_token_hash = ...``: whoever's UPDATE matches wins, on SQLite and on
+PostgreSQL alike, so two workers never hold the same task and a result is accepted once.
+
+Attempts: ``attempts_used`` counts attempts that were spent (worker reported failure,
+lease expired). Leasing does not spend one; ``attempt`` in a lease is
+``attempts_used + 1``. A release (worker shutting down) spends none. When
+``attempts_used`` reaches ``max_attempts`` the task is ``failed`` and the scheduler tells
+the trial FAIL with the last reason.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, get_args
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from search.evaluators.types import FailureReason
+from service.auth import hash_token
+from service.db import Database, utcnow
+from service.models import Job, Task, Worker
+
+FAILURE_REASONS = set(get_args(FailureReason))
+
+
+class TaskNotFound(LookupError):
+    pass
+
+
+class WrongTarget(PermissionError):
+    def __init__(self, task_target: str):
+        super().__init__(task_target)
+        self.task_target = task_target
+
+
+class StaleLease(Exception):
+    """The lease token is not the task's current lease (expired and re-queued, given to
+    another worker, the task finished or was cancelled)."""
+
+
+@dataclass
+class LeaseGrant:
+    task_id: str
+    job_id: str
+    trial_number: int
+    lease_token: str
+    lease_expires_at: datetime
+    attempt: int
+    task: dict[str, Any]
+
+
+@dataclass
+class Reaped:
+    task_id: str
+    job_id: str
+    target: str
+    requeued: bool
+
+
+def _new_lease_token() -> str:
+    return "fnl_" + secrets.token_urlsafe(24)
+
+
+def queued_candidates(s: Session, target: str, runtimes: list[str] | None, limit: int = 8):
+    q = (
+        select(Task.id)
+        .join(Job, Job.id == Task.job_id)
+        .where(Task.target == target, Task.state == "queued", Job.status == "running")
+        .order_by(Task.created_at, Task.id)
+        .limit(limit)
+    )
+    if runtimes:
+        q = q.where(Task.runtime.in_(runtimes))
+    return list(s.execute(q).scalars())
+
+
+def lease_one(
+    db: Database,
+    *,
+    worker_id: str,
+    target: str,
+    runtimes: list[str] | None,
+    lease_timeout_s: float,
+) -> LeaseGrant | None:
+    """Try once to lease the oldest queued task for ``target``; None if there is none."""
+    candidates = db.run(lambda s: queued_candidates(s, target, runtimes), write=False)
+    if not candidates:
+        return None
+
+    def op(s: Session) -> LeaseGrant | None:
+        now = utcnow()
+        expires = now + timedelta(seconds=lease_timeout_s)
+        for task_id in candidates:
+            token = _new_lease_token()
+            rc = s.execute(
+                update(Task)
+                .where(Task.id == task_id, Task.state == "queued")
+                .values(
+                    state="leased",
+                    lease_token_hash=hash_token(token),
+                    lease_expires_at=expires,
+                    leased_at=now,
+                    worker_id=worker_id,
+                )
+            ).rowcount
+            if rc == 1:
+                row = s.get(Task, task_id)
+                s.execute(
+                    update(Worker).where(Worker.id == worker_id).values(last_heartbeat_at=now)
+                )
+                return LeaseGrant(
+                    task_id=row.id,
+                    job_id=row.job_id,
+                    trial_number=row.trial_number,
+                    lease_token=token,
+                    lease_expires_at=expires,
+                    attempt=row.attempts_used + 1,
+                    task=row.task,
+                )
+        return None
+
+    return db.run(op)
+
+
+def _load(s: Session, task_id: str, target: str) -> Task:
+    row = s.get(Task, task_id)
+    if row is None:
+        raise TaskNotFound(task_id)
+    if row.target != target:
+        raise WrongTarget(row.target)
+    return row
+
+
+def _stale_message(row: Task) -> str:
+    if row.state == "cancelled":
+        return "task cancelled: its job was cancelled"
+    if row.state == "queued":
+        return "lease expired; the task was re-queued"
+    if row.state in ("done", "failed"):
+        return f"task already {row.state} under another lease"
+    return "lease token is not the task's current lease"
+
+
+def heartbeat(db: Database, task_id: str, target: str, token: str, lease_timeout_s: float):
+    th = hash_token(token)
+
+    def op(s: Session) -> datetime:
+        now = utcnow()
+        expires = now + timedelta(seconds=lease_timeout_s)
+        row = _load(s, task_id, target)
+        rc = s.execute(
+            update(Task)
+            .where(Task.id == task_id, Task.state == "leased", Task.lease_token_hash == th)
+            .values(lease_expires_at=expires)
+        ).rowcount
+        if rc != 1:
+            s.refresh(row)
+            raise StaleLease(_stale_message(row))
+        if row.worker_id:
+            s.execute(
+                update(Worker).where(Worker.id == row.worker_id).values(last_heartbeat_at=now)
+            )
+        return expires
+
+    return db.run(op)
+
+
+def submit_result(
+    db: Database, task_id: str, target: str, token: str, outcome: dict[str, Any]
+) -> tuple[bool, Task]:
+    """Store a worker's outcome. Returns (accepted, task): accepted False means the same
+    lease already delivered its result (a duplicate, nothing changed)."""
+    th = hash_token(token)
+
+    def op(s: Session) -> tuple[bool, Task]:
+        now = utcnow()
+        row = _load(s, task_id, target)
+        rc = s.execute(
+            update(Task)
+            .where(Task.id == task_id, Task.state == "leased", Task.lease_token_hash == th)
+            .values(state="done", outcome=outcome, finished_at=now)
+        ).rowcount
+        s.refresh(row)
+        if rc == 1:
+            if row.worker_id:
+                s.execute(
+                    update(Worker).where(Worker.id == row.worker_id).values(last_heartbeat_at=now)
+                )
+            return True, row
+        if row.state == "done" and row.lease_token_hash == th:
+            return False, row
+        raise StaleLease(_stale_message(row))
+
+    return db.run(op)
+
+
+def normalize_failure(reason: str, message: str) -> dict[str, str]:
+    reason = (reason or "").strip()
+    if reason in FAILURE_REASONS:
+        return {"reason": reason, "message": message}
+    label = f"{reason}: " if reason else ""
+    return {"reason": "crashed", "message": f"{label}{message}"}
+
+
+def fail_task(
+    db: Database,
+    task_id: str,
+    target: str,
+    token: str,
+    reason: str,
+    message: str,
+    max_attempts: int,
+) -> Task:
+    """A worker could not run the task: spend an attempt; re-queue or give up."""
+    th = hash_token(token)
+    error = normalize_failure(reason, message)
+
+    def op(s: Session) -> Task:
+        now = utcnow()
+        row = _load(s, task_id, target)
+        if row.state != "leased" or row.lease_token_hash != th:
+            raise StaleLease(_stale_message(row))
+        used = row.attempts_used + 1
+        give_up = used >= max_attempts
+        values: dict[str, Any] = {
+            "attempts_used": used,
+            "lease_token_hash": None,
+            "lease_expires_at": None,
+            "last_error": error,
+            "state": "failed" if give_up else "queued",
+        }
+        if give_up:
+            values["finished_at"] = now
+        rc = s.execute(
+            update(Task)
+            .where(Task.id == task_id, Task.state == "leased", Task.lease_token_hash == th)
+            .values(**values)
+        ).rowcount
+        if rc != 1:
+            s.refresh(row)
+            raise StaleLease(_stale_message(row))
+        s.refresh(row)
+        return row
+
+    return db.run(op)
+
+
+def release_task(db: Database, task_id: str, target: str, token: str) -> Task:
+    """The worker gives the task back unfinished (shutting down): re-queue, no attempt
+    spent."""
+    th = hash_token(token)
+
+    def op(s: Session) -> Task:
+        row = _load(s, task_id, target)
+        rc = s.execute(
+            update(Task)
+            .where(Task.id == task_id, Task.state == "leased", Task.lease_token_hash == th)
+            .values(state="queued", lease_token_hash=None, lease_expires_at=None)
+        ).rowcount
+        if rc != 1:
+            s.refresh(row)
+            raise StaleLease(_stale_message(row))
+        s.refresh(row)
+        return row
+
+    return db.run(op)
+
+
+def reap_expired(db: Database, max_attempts: int, limit: int = 500) -> list[Reaped]:
+    """Leases past their expiry: re-queue (spending an attempt) or fail the task."""
+    now = utcnow()
+
+    def find(s: Session):
+        return s.execute(
+            select(Task.id, Task.job_id, Task.target, Task.attempts_used, Task.worker_id)
+            .where(Task.state == "leased", Task.lease_expires_at < now)
+            .limit(limit)
+        ).all()
+
+    rows = db.run(find, write=False)
+    if not rows:
+        return []
+
+    def op(s: Session) -> list[Reaped]:
+        out: list[Reaped] = []
+        for r in rows:
+            used = r.attempts_used + 1
+            give_up = used >= max_attempts
+            error = {
+                "reason": "crashed",
+                "message": f"lease expired without a heartbeat (attempt {used} of "
+                f"{max_attempts}, worker {r.worker_id}); the worker was lost",
+            }
+            values: dict[str, Any] = {
+                "attempts_used": used,
+                "lease_token_hash": None,
+                "lease_expires_at": None,
+                "last_error": error,
+                "state": "failed" if give_up else "queued",
+            }
+            if give_up:
+                values["finished_at"] = now
+            rc = s.execute(
+                update(Task)
+                .where(Task.id == r.id, Task.state == "leased", Task.lease_expires_at < now)
+                .values(**values)
+            ).rowcount
+            if rc == 1:
+                out.append(Reaped(r.id, r.job_id, r.target, requeued=not give_up))
+        return out
+
+    return db.run(op)
+
+
+def cancel_job_tasks(s: Session, job_id: str) -> int:
+    return s.execute(
+        update(Task)
+        .where(Task.job_id == job_id, Task.state.in_(("queued", "leased")))
+        .values(state="cancelled", lease_token_hash=None, lease_expires_at=None,
+                finished_at=utcnow())
+    ).rowcount
+
+
+def live_workers(s: Session, worker_timeout_s: float, target: str | None = None):
+    """Count of live workers per target (last heartbeat within worker_timeout_s)."""
+    since = utcnow() - timedelta(seconds=worker_timeout_s)
+    q = (
+        select(Worker.target, func.count())
+        .where(Worker.last_heartbeat_at >= since)
+        .group_by(Worker.target)
+    )
+    if target is not None:
+        q = q.where(Worker.target == target)
+    return dict(s.execute(q).all())
+
+
+def task_counts(s: Session, job_id: str | None = None, target: str | None = None):
+    """{state: count} for a job's or a target's tasks."""
+    q = select(Task.state, func.count()).group_by(Task.state)
+    if job_id is not None:
+        q = q.where(Task.job_id == job_id)
+    if target is not None:
+        q = q.where(Task.target == target)
+    return dict(s.execute(q).all())
+
+
+__all__ = [
+    "LeaseGrant",
+    "Reaped",
+    "StaleLease",
+    "TaskNotFound",
+    "WrongTarget",
+    "cancel_job_tasks",
+    "fail_task",
+    "heartbeat",
+    "lease_one",
+    "live_workers",
+    "reap_expired",
+    "release_task",
+    "submit_result",
+    "task_counts",
+]

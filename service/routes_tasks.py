@@ -1,0 +1,185 @@
+"""/v1/tasks: the worker side of measurement (worker tokens only).
+
+lease (long poll) -> heartbeat* -> result | fail | release. See service/leases.py for the
+state machine and docs/service.md for the protocol."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
+from sqlalchemy import update
+from starlette.concurrency import run_in_threadpool
+
+from service import leases
+from service.auth import WorkerPrincipal, check_target, get_db, require_worker
+from service.db import Database, utcnow
+from service.models import Worker
+from service.routes_workers import load_worker
+from service.schemas import (
+    FailIn,
+    FailOut,
+    HeartbeatOut,
+    LeaseOut,
+    LeaseRequest,
+    LeaseTokenIn,
+    ReleaseOut,
+    ResultIn,
+    ResultOut,
+)
+
+router = APIRouter(prefix="/v1/tasks", tags=["tasks (workers)"])
+
+_ERRORS = {
+    409: {"description": "Stale lease token: the lease expired and was re-queued, went to "
+          "another worker, or the job was cancelled. Abandon the task."},
+    403: {"description": "The worker token is scoped to another target"},
+    404: {"description": "No such task"},
+}
+
+
+def _settings(request: Request):
+    return request.app.state.settings
+
+
+def _metrics(request: Request):
+    return getattr(request.app.state, "metrics", None)
+
+
+def _translate(exc: Exception) -> HTTPException:
+    if isinstance(exc, leases.TaskNotFound):
+        return HTTPException(status.HTTP_404_NOT_FOUND, f"no task {exc.args[0]!r}")
+    if isinstance(exc, leases.WrongTarget):
+        return HTTPException(
+            status.HTTP_403_FORBIDDEN,
+            f"this task belongs to target {exc.task_target!r}; the worker token is scoped "
+            "to another target",
+        )
+    if isinstance(exc, leases.StaleLease):
+        return HTTPException(status.HTTP_409_CONFLICT, str(exc))
+    raise exc
+
+
+@router.post(
+    "/lease",
+    response_model=LeaseOut,
+    summary="Lease the next measurement task (long poll)",
+    responses={204: {"description": "Nothing to do within wait_s"}, **_ERRORS},
+)
+async def lease_task(
+    body: LeaseRequest,
+    request: Request,
+    principal: WorkerPrincipal = Depends(require_worker),
+    db: Database = Depends(get_db),
+):
+    check_target(principal, body.target)
+    settings = _settings(request)
+
+    def touch():
+        def op(s):
+            w = load_worker(s, body.worker_id, principal)
+            if w.target != body.target:
+                raise HTTPException(status.HTTP_403_FORBIDDEN,
+                                    f"worker {body.worker_id} serves target {w.target!r}")
+            s.execute(update(Worker).where(Worker.id == w.id).values(last_heartbeat_at=utcnow()))
+            return list(w.runtimes or [])
+
+        return db.run(op)
+
+    runtimes = await run_in_threadpool(touch)
+    deadline = time.monotonic() + min(body.wait_s, settings.max_lease_wait_s)
+    while True:
+        grant = await run_in_threadpool(
+            leases.lease_one, db, worker_id=body.worker_id, target=body.target,
+            runtimes=runtimes, lease_timeout_s=settings.lease_timeout_s,
+        )
+        if grant is not None:
+            return {
+                "task_id": grant.task_id,
+                "lease_token": grant.lease_token,
+                "lease_expires_at": grant.lease_expires_at,
+                "attempt": grant.attempt,
+                "job_id": grant.job_id,
+                "trial_number": grant.trial_number,
+                "task": grant.task,
+            }
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or await request.is_disconnected():
+            return Response(status_code=status.HTTP_204_NO_CONTENT)
+        await asyncio.sleep(min(settings.lease_poll_interval_s, remaining))
+
+
+@router.post("/{task_id}/heartbeat", response_model=HeartbeatOut,
+             summary="Extend a lease", responses=_ERRORS)
+def heartbeat_task(task_id: str, body: LeaseTokenIn, request: Request,
+                   principal: WorkerPrincipal = Depends(require_worker),
+                   db: Database = Depends(get_db)):
+    try:
+        expires = leases.heartbeat(db, task_id, principal.target, body.lease_token,
+                                   _settings(request).lease_timeout_s)
+    except (leases.TaskNotFound, leases.WrongTarget, leases.StaleLease) as exc:
+        raise _translate(exc) from exc
+    return {"lease_expires_at": expires}
+
+
+@router.post("/{task_id}/result", response_model=ResultOut,
+             summary="Report the outcome (accepted once; a duplicate is a no-op)",
+             responses=_ERRORS)
+def task_result(task_id: str, body: ResultIn, request: Request,
+                principal: WorkerPrincipal = Depends(require_worker),
+                db: Database = Depends(get_db)):
+    try:
+        accepted, _row = leases.submit_result(
+            db, task_id, principal.target, body.lease_token,
+            body.outcome.model_dump(mode="json"),
+        )
+    except (leases.TaskNotFound, leases.WrongTarget, leases.StaleLease) as exc:
+        m = _metrics(request)
+        if m is not None and isinstance(exc, leases.StaleLease):
+            m.results.labels(principal.target, "stale").inc()
+        raise _translate(exc) from exc
+    m = _metrics(request)
+    if m is not None:
+        m.results.labels(principal.target, "accepted" if accepted else "duplicate").inc()
+    if accepted:
+        loop = getattr(request.app.state, "scheduler_loop", None)
+        if loop is not None:
+            loop.wake()
+        return {"accepted": True, "duplicate": False}
+    return {"accepted": False, "duplicate": True}
+
+
+@router.post("/{task_id}/fail", response_model=FailOut,
+             summary="The worker could not run the task (spends an attempt)",
+             responses=_ERRORS)
+def task_fail(task_id: str, body: FailIn, request: Request,
+              principal: WorkerPrincipal = Depends(require_worker),
+              db: Database = Depends(get_db)):
+    settings = _settings(request)
+    try:
+        row = leases.fail_task(db, task_id, principal.target, body.lease_token, body.reason,
+                               body.message, settings.max_attempts)
+    except (leases.TaskNotFound, leases.WrongTarget, leases.StaleLease) as exc:
+        raise _translate(exc) from exc
+    m = _metrics(request)
+    if m is not None:
+        m.results.labels(principal.target, "failed").inc()
+    if row.state == "failed":
+        loop = getattr(request.app.state, "scheduler_loop", None)
+        if loop is not None:
+            loop.wake()
+    return {"requeued": row.state == "queued", "attempts_used": row.attempts_used,
+            "max_attempts": settings.max_attempts}
+
+
+@router.post("/{task_id}/release", response_model=ReleaseOut,
+             summary="Give the task back unfinished (no attempt spent)", responses=_ERRORS)
+def task_release(task_id: str, body: LeaseTokenIn,
+                 principal: WorkerPrincipal = Depends(require_worker),
+                 db: Database = Depends(get_db)):
+    try:
+        leases.release_task(db, task_id, principal.target, body.lease_token)
+    except (leases.TaskNotFound, leases.WrongTarget, leases.StaleLease) as exc:
+        raise _translate(exc) from exc
+    return {"requeued": True}

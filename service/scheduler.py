@@ -1,0 +1,619 @@
+"""The scheduler: drives every active job through ``search.study.SearchDriver`` (the one
+search loop) with measurement done by remote workers.
+
+All state lives in the database; a tick can run in any API replica:
+
+1. reap leases that expired without a heartbeat (re-queue, or fail after max attempts);
+2. for each active job, claim its scheduling lock (an atomic ``UPDATE fitnas_jobs SET
+   lock_owner = me ... WHERE lock_expires_at < now``, portable to SQLite and PostgreSQL),
+   so two replicas never drive the same job at once;
+3. tell Optuna every task that finished (result stored by a worker, or failed for good),
+   then mark it told (telling is idempotent, so a crash between the two is harmless);
+4. fail RUNNING trials no task owns (asked by a replica that died before queueing them;
+   they are "interrupted" and do not count, so the job asks again);
+5. ask for new trials while the job's in-flight tasks are below its parallelism, bounded
+   by the live workers of its target (at least one task stays queued so a new worker finds
+   work at once). Pre-screened (over budget) and cached trials are told by the driver
+   inside ``ask``; the rest become queued tasks, inserted only while the lock is still
+   ours;
+6. update progress and the best feasible trial; when N trials are finished and nothing
+   is in flight, store the Pareto set and the recommended winner and complete the job.
+   A cancelled job is finalized the same way with what it has.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import socket
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session
+
+from search.evaluators.types import EvalOutcome, Failure
+from service.auth import new_id
+from service.cache import DBMeasurementCache
+from service.db import Database, utcnow
+from service.leases import Reaped, live_workers, reap_expired
+from service.models import Job, Task
+from service.studies import get_storage, is_feasible, trial_view
+
+log = logging.getLogger("fitnas.scheduler")
+
+MAX_CONSECUTIVE_ERRORS = 5
+
+
+class LockLost(RuntimeError):
+    """Another replica holds this job's scheduling lock now."""
+
+
+@dataclass
+class JobTick:
+    job_id: str
+    told: int = 0
+    asked: int = 0
+    queued: int = 0
+    cached: int = 0
+    over_budget: int = 0
+    stale_failed: int = 0
+    finalized: bool = False
+    status: str | None = None
+
+
+@dataclass
+class TickReport:
+    reaped: list[Reaped] = field(default_factory=list)
+    jobs: dict[str, JobTick] = field(default_factory=dict)
+    skipped_locked: list[str] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)
+
+
+def summarize(t) -> dict[str, Any]:
+    """The stored form of a trial in ``best``/``pareto``/``winner``."""
+    return trial_view(t, include_spec=True, include_attrs=False)
+
+
+class Scheduler:
+    def __init__(self, db: Database, settings, metrics=None, owner: str | None = None) -> None:
+        self.db = db
+        self.settings = settings
+        self.metrics = metrics
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self.optuna_url = settings.optuna_url
+        self._drivers: dict[str, Any] = {}
+        self._errors: dict[str, int] = {}
+
+    # ---- the tick ---------------------------------------------------------------------
+
+    def tick(self) -> TickReport:
+        report = TickReport()
+        if self.metrics is not None:
+            self.metrics.scheduler_ticks.inc()
+        report.reaped = reap_expired(self.db, self.settings.max_attempts)
+        if self.metrics is not None:
+            for r in report.reaped:
+                self.metrics.lease_expiries.labels(
+                    r.target, "requeued" if r.requeued else "failed"
+                ).inc()
+        for r in report.reaped:
+            log.info(
+                "lease of task %s (job %s) expired: %s", r.task_id, r.job_id,
+                "re-queued" if r.requeued else "attempts exhausted, trial fails",
+            )
+        for job_id in self._candidates():
+            if not self._claim(job_id):
+                report.skipped_locked.append(job_id)
+                continue
+            try:
+                report.jobs[job_id] = self._drive(job_id)
+                self._errors.pop(job_id, None)
+            except LockLost:
+                report.skipped_locked.append(job_id)
+            except Exception as exc:  # one job's trouble must not stop the others
+                self._job_error(job_id, exc)
+                report.errors[job_id] = f"{type(exc).__name__}: {exc}"
+            finally:
+                self._release(job_id)
+        return report
+
+    def run_until_idle(self, max_ticks: int = 1000) -> TickReport:
+        """Tick until no job changes (tests and tools)."""
+        last = TickReport()
+        for _ in range(max_ticks):
+            last = self.tick()
+            busy = any(
+                j.told or j.asked or j.stale_failed or j.finalized for j in last.jobs.values()
+            )
+            if not busy and not last.reaped:
+                break
+        return last
+
+    # ---- locking ------------------------------------------------------------------------
+
+    def _candidates(self) -> list[str]:
+        def read(s: Session) -> list[str]:
+            return list(
+                s.execute(
+                    select(Job.id)
+                    .where(
+                        or_(
+                            Job.status.in_(("queued", "running")),
+                            (Job.status == "cancelled") & Job.finalized_at.is_(None),
+                        )
+                    )
+                    .order_by(Job.created_at)
+                ).scalars()
+            )
+
+        return self.db.run(read, write=False)
+
+    def _claim(self, job_id: str) -> bool:
+        now = utcnow()
+        expires = now + timedelta(seconds=self.settings.scheduler_lock_s)
+
+        def op(s: Session) -> bool:
+            return (
+                s.execute(
+                    update(Job)
+                    .where(
+                        Job.id == job_id,
+                        or_(
+                            Job.lock_expires_at.is_(None),
+                            Job.lock_expires_at < now,
+                            Job.lock_owner == self.owner,
+                        ),
+                    )
+                    .values(lock_owner=self.owner, lock_expires_at=expires)
+                ).rowcount
+                == 1
+            )
+
+        return self.db.run(op)
+
+    def _release(self, job_id: str) -> None:
+        def op(s: Session) -> None:
+            s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.lock_owner == self.owner)
+                .values(lock_owner=None, lock_expires_at=None)
+            )
+
+        try:
+            self.db.run(op)
+        except Exception as exc:  # the lock expires by itself
+            log.warning("could not release the lock of job %s: %s", job_id, exc)
+
+    def _renew(self, s: Session, job_id: str) -> None:
+        expires = utcnow() + timedelta(seconds=self.settings.scheduler_lock_s)
+        rc = s.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.lock_owner == self.owner)
+            .values(lock_expires_at=expires)
+        ).rowcount
+        if rc != 1:
+            raise LockLost(job_id)
+
+    def _job_error(self, job_id: str, exc: Exception) -> None:
+        from search.study import SearchError
+
+        if self.metrics is not None:
+            self.metrics.scheduler_errors.inc()
+        n = self._errors.get(job_id, 0) + 1
+        self._errors[job_id] = n
+        fatal = isinstance(exc, SearchError) or n >= MAX_CONSECUTIVE_ERRORS
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        log.error("job %s: %s (%d in a row)%s", job_id, msg, n, "; failing the job" if fatal
+                  else "", exc_info=not isinstance(exc, SearchError))
+        now = utcnow()
+
+        def op(s: Session) -> None:
+            values: dict[str, Any] = {"error": msg[:4000], "updated_at": now}
+            if fatal:
+                values.update(status="failed", finished_at=now)
+            s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status.in_(("queued", "running")))
+                .values(**values)
+            )
+            if fatal:
+                s.execute(
+                    update(Task)
+                    .where(Task.job_id == job_id, Task.state.in_(("queued", "leased")))
+                    .values(state="cancelled", lease_token_hash=None, lease_expires_at=None)
+                )
+
+        try:
+            self.db.run(op)
+        except Exception:  # pragma: no cover - the DB itself is failing; next tick retries
+            log.exception("could not record the error of job %s", job_id)
+        if fatal:
+            self._drivers.pop(job_id, None)
+
+    # ---- driving one job ------------------------------------------------------------------
+
+    def _driver(self, job: Job):
+        from search.study import SearchConfig, SearchDriver
+
+        driver = self._drivers.get(job.id)
+        if driver is None:
+            config = SearchConfig.model_validate(job.config)
+            cache = DBMeasurementCache(self.db, target=job.target, job_id=job.id)
+            driver = SearchDriver.open(
+                get_storage(self.optuna_url), job.study_name, config, cache,
+                mode="service", owner=self.owner,
+            )
+            self._drivers[job.id] = driver
+        return driver
+
+    def _count(self, how: str, target: str, n: int = 1) -> None:
+        if self.metrics is not None and n:
+            self.metrics.trials_completed.labels(target, how).inc(n)
+
+    def _drive(self, job_id: str) -> JobTick:
+        tick = JobTick(job_id)
+        job = self.db.run(lambda s: s.get(Job, job_id), write=False)
+        if job is None:
+            return tick
+        if job.status == "cancelled" and job.started_at is None:
+            # cancelled before its study was ever opened: nothing to tell
+            self._finalize(job, None, tick)
+            return tick
+        driver = self._driver(job)
+        if job.status == "queued":
+            now = utcnow()
+
+            def start(s: Session) -> None:
+                self._renew(s, job_id)
+                s.execute(
+                    update(Job)
+                    .where(Job.id == job_id, Job.status == "queued")
+                    .values(status="running", started_at=now, updated_at=now)
+                )
+
+            self.db.run(start)
+            job.status = "running"
+
+        tick.told = self._tell_finished(job, driver)
+
+        from optuna.trial import TrialState
+
+        trials = driver.trials()
+        running = {t.number for t in trials if t.state == TrialState.RUNNING}
+        owned = self._owned_trials(job_id)
+        if job.status == "cancelled":
+            stale = sorted(running)
+            message = "the job was cancelled"
+        else:
+            stale = sorted(running - owned)
+            message = "no task owned this trial (the scheduler that asked it stopped)"
+        if stale:
+            failed = driver.fail_stale(stale, reason="interrupted", message=message)
+            tick.stale_failed = len(failed)
+            self._count("interrupted", job.target, len(failed))
+        if job.status == "cancelled":
+            self._mark_cancelled_told(job_id)
+            self._finalize(job, driver, tick)
+            return tick
+
+        self._fill(job, driver, tick)
+        self._update_progress(job, driver, tick)
+        return tick
+
+    def _owned_trials(self, job_id: str) -> set[int]:
+        def read(s: Session) -> set[int]:
+            return set(
+                s.execute(
+                    select(Task.trial_number).where(
+                        Task.job_id == job_id, Task.told_at.is_(None)
+                    )
+                ).scalars()
+            )
+
+        return self.db.run(read, write=False)
+
+    def _tell_finished(self, job: Job, driver) -> int:
+        def read(s: Session) -> list[Task]:
+            return list(
+                s.execute(
+                    select(Task)
+                    .where(
+                        Task.job_id == job.id,
+                        Task.told_at.is_(None),
+                        Task.state.in_(("done", "failed")),
+                    )
+                    .order_by(Task.finished_at, Task.trial_number)
+                ).scalars()
+            )
+
+        rows = self.db.run(read, write=False)
+        if not rows:
+            return 0
+        told_ids = []
+        for row in rows:
+            outcome = _outcome_of(row)
+            driver.tell(row.trial_number, outcome)
+            told_ids.append(row.id)
+            self._count("measured" if outcome.ok else "failed", job.target)
+            if self.metrics is not None and row.state == "done":
+                self.metrics.measurement_seconds.labels(job.target).observe(outcome.seconds)
+        now = utcnow()
+
+        def mark(s: Session) -> None:
+            s.execute(update(Task).where(Task.id.in_(told_ids)).values(told_at=now))
+
+        self.db.run(mark)
+        return len(told_ids)
+
+    def _mark_cancelled_told(self, job_id: str) -> None:
+        now = utcnow()
+
+        def op(s: Session) -> None:
+            s.execute(
+                update(Task)
+                .where(Task.job_id == job_id, Task.told_at.is_(None),
+                       Task.state == "cancelled")
+                .values(told_at=now)
+            )
+
+        self.db.run(op)
+
+    def _fill(self, job: Job, driver, tick: JobTick) -> None:
+        from optuna.trial import TrialState
+
+        from search.study import SearchError
+
+        trials = driver.trials()
+        finished = sum(1 for t in trials if driver.counts_as_finished(t))
+        running = sum(1 for t in trials if t.state == TrialState.RUNNING)
+        total = finished + running
+        if total >= job.trials:
+            return
+
+        def read(s: Session) -> tuple[int, int]:
+            inflight = s.execute(
+                select(Task.id).where(Task.job_id == job.id, Task.state.in_(("queued", "leased")))
+            ).all()
+            live = live_workers(s, self.settings.worker_timeout_s, job.target).get(job.target, 0)
+            return len(inflight), live
+
+        inflight, live = self.db.run(read, write=False)
+        cap = max(1, min(job.parallelism, live))
+        asks = 0
+        sampling_errors = 0
+        max_asks = self.settings.scheduler_max_asks_per_tick
+        while total < job.trials and inflight < cap and asks < max_asks:
+            asks += 1
+            try:
+                proposal = driver.ask()
+            except SearchError as exc:
+                # the driver failed that trial with the reason; a space that keeps doing
+                # this is broken
+                total += 1
+                tick.asked += 1
+                sampling_errors += 1
+                self._count("failed", job.target)
+                log.warning("job %s: %s", job.id, exc)
+                if sampling_errors >= 3:
+                    raise
+                continue
+            total += 1
+            tick.asked += 1
+            if proposal.task is None:
+                if proposal.reason == "cached":
+                    tick.cached += 1
+                else:
+                    tick.over_budget += 1
+                self._count(proposal.reason or "over_budget", job.target)
+                continue
+            self._enqueue(job, proposal)
+            inflight += 1
+            tick.queued += 1
+
+    def _enqueue(self, job: Job, proposal) -> None:
+        task = proposal.task
+        row = Task(
+            id=new_id() + new_id(),
+            job_id=job.id,
+            trial_number=proposal.trial_number,
+            target=job.target,
+            runtime=task.measure.runtime if task.measure is not None else "eager",
+            state="queued",
+            task=task.model_dump(mode="json"),
+            cache_key=proposal.cache_key,
+            attempts_used=0,
+            created_at=utcnow(),
+        )
+
+        def op(s: Session) -> None:
+            self._renew(s, job.id)
+            s.add(row)
+
+        self.db.run(op)
+
+    def _update_progress(self, job: Job, driver, tick: JobTick) -> None:
+        from optuna.trial import TrialState
+
+        trials = driver.trials()
+        counts: dict[str, int] = {}
+        finished = 0
+        for t in trials:
+            status = t.user_attrs.get("status", t.state.name.lower())
+            if t.state == TrialState.RUNNING:
+                status = "running"
+            counts[status] = counts.get(status, 0) + 1
+            if driver.counts_as_finished(t):
+                finished += 1
+        feasible = [t for t in trials if is_feasible(t)]
+        best = (
+            min(feasible, key=lambda t: (-t.values[0], t.values[1], t.number))
+            if feasible
+            else None
+        )
+
+        def read(s: Session) -> dict[str, int]:
+            from service.leases import task_counts
+
+            return task_counts(s, job_id=job.id)
+
+        tasks = self.db.run(read, write=False)
+        inflight = tasks.get("queued", 0) + tasks.get("leased", 0)
+        progress = {
+            "trials": job.trials,
+            "finished": finished,
+            "running": counts.get("running", 0),
+            "measured": counts.get("measured", 0),
+            "cached": counts.get("cached", 0),
+            "over_budget": counts.get("over_budget", 0),
+            "failed": counts.get("failed", 0),
+            "interrupted": counts.get("interrupted", 0),
+            "feasible": len(feasible),
+            "tasks_queued": tasks.get("queued", 0),
+            "tasks_leased": tasks.get("leased", 0),
+        }
+        best_view = summarize(best) if best is not None else None
+        done = finished >= job.trials and progress["running"] == 0 and inflight == 0
+        if done:
+            self._finalize(job, driver, tick, progress=progress)
+            return
+        if progress == job.progress and (best_view or {}).get("number") == (
+            (job.best or {}).get("number")
+        ):
+            return
+        now = utcnow()
+
+        def write(s: Session) -> None:
+            self._renew(s, job.id)
+            s.execute(
+                update(Job)
+                .where(Job.id == job.id)
+                .values(progress=progress, best=best_view, updated_at=now)
+            )
+
+        self.db.run(write)
+
+    def _finalize(self, job: Job, driver, tick: JobTick, progress: dict | None = None) -> None:
+        pareto: list[dict[str, Any]] = []
+        winner = None
+        best = None
+        if driver is not None:
+            pareto = [summarize(t) for t in driver.pareto()]
+            rec = driver.recommend()
+            winner = summarize(rec) if rec is not None else None
+            b = driver.best_feasible()
+            best = summarize(b) if b is not None else None
+            if progress is None:
+                progress = dict(job.progress or {})
+                trials = driver.trials()
+                progress["finished"] = sum(1 for t in trials if driver.counts_as_finished(t))
+                progress["running"] = 0
+                progress["tasks_queued"] = 0
+                progress["tasks_leased"] = 0
+        now = utcnow()
+        status = "cancelled" if job.status == "cancelled" else "completed"
+
+        def write(s: Session) -> None:
+            self._renew(s, job.id)
+            values: dict[str, Any] = {
+                "status": status,
+                "pareto": pareto,
+                "winner": winner,
+                "finalized_at": now,
+                "updated_at": now,
+            }
+            if best is not None:
+                values["best"] = best
+            if progress is not None:
+                values["progress"] = progress
+            if job.finished_at is None:
+                values["finished_at"] = now
+            s.execute(
+                update(Job)
+                .where(Job.id == job.id, Job.status.in_(("running", "queued", "cancelled")))
+                .values(**values)
+            )
+
+        self.db.run(write)
+        self._drivers.pop(job.id, None)
+        tick.finalized = True
+        tick.status = status
+        log.info("job %s %s: %d Pareto trials, winner %s", job.id, status, len(pareto),
+                 winner["number"] if winner else None)
+
+
+def _outcome_of(row: Task) -> EvalOutcome:
+    if row.state == "done" and row.outcome is not None:
+        try:
+            return EvalOutcome.model_validate(row.outcome)
+        except ValueError as exc:
+            return EvalOutcome(
+                ok=False,
+                failure=Failure(reason="runtime_error",
+                                message=f"the worker's outcome does not parse: {exc}"[:2000]),
+            )
+    err = row.last_error or {}
+    reason = err.get("reason", "crashed")
+    from service.leases import FAILURE_REASONS
+
+    if reason not in FAILURE_REASONS:
+        reason = "crashed"
+    return EvalOutcome(
+        ok=False,
+        failure=Failure(reason=reason, message=str(err.get("message", "task failed"))[:2000]),
+    )
+
+
+class SchedulerLoop:
+    """Runs :meth:`Scheduler.tick` in a worker thread every ``interval_s`` (sooner when
+    woken, e.g. by a result) inside the API's asyncio loop."""
+
+    def __init__(self, scheduler: Scheduler, interval_s: float) -> None:
+        self.scheduler = scheduler
+        self.interval_s = interval_s
+        self._event = None
+        self._loop = None
+        self._task = None
+        self._stopping = False
+
+    def wake(self) -> None:
+        """Thread-safe: run the next tick now."""
+        loop, event = self._loop, self._event
+        if loop is not None and event is not None:
+            loop.call_soon_threadsafe(event.set)
+
+    async def start(self) -> None:
+        import asyncio
+
+        self._loop = asyncio.get_running_loop()
+        self._event = asyncio.Event()
+        self._task = asyncio.create_task(self._run(), name="fitnas-scheduler")
+
+    async def _run(self) -> None:
+        import asyncio
+
+        while not self._stopping:
+            started = time.monotonic()
+            try:
+                await asyncio.to_thread(self.scheduler.tick)
+            except Exception:
+                log.exception("scheduler tick failed")
+            self._event.clear()
+            wait = max(0.05, self.interval_s - (time.monotonic() - started))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._event.wait(), timeout=wait)
+
+    async def stop(self) -> None:
+        import asyncio
+
+        self._stopping = True
+        if self._task is not None:
+            self.wake()
+            try:
+                await asyncio.wait_for(self._task, timeout=30)
+            except (TimeoutError, asyncio.CancelledError):
+                self._task.cancel()

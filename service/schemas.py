@@ -1,0 +1,313 @@
+"""Request and response models of the REST API (with OpenAPI examples)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from search.evaluators.types import EvalOutcome, MeasureSettings, QualitySettings, Signal
+from search.space import DesignSpace
+from search.study import Budgets
+
+TargetName = Annotated[
+    str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", examples=["cpu-x86-4t"])
+]
+
+JobStatus = Literal["queued", "running", "completed", "cancelled", "failed"]
+ExportFormat = Literal["json", "pytorch", "torchscript", "onnx"]
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---- jobs ------------------------------------------------------------------------------------
+
+JOB_EXAMPLE = {
+    "name": "edge-classifier",
+    "target": "cpu-x86-4t",
+    "space": "default",
+    "budgets": {"max_latency_ms": 15.0, "max_params": 3_000_000},
+    "trials": 40,
+    "parallelism": 2,
+    "measure": {"runtime": "onnxruntime", "batch": 1, "resolution": 160, "threads": 1},
+    "quality": {"signal": "synflow"},
+    "sampler": "tpe",
+    "seed": 0,
+}
+
+
+class JobCreate(_In):
+    """A search job: what to search (design space), on which device class (target), under
+    which hard budgets, with how many trials and how many measurements at once."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [JOB_EXAMPLE]})
+
+    name: str | None = Field(None, max_length=200)
+    target: TargetName
+    space: str | DesignSpace = Field(
+        "default",
+        description="a built-in space name ('default', 'mobilenet_v2') or an inline design "
+        "space (docs/search.md); never a server path",
+    )
+    budgets: Budgets = Budgets()
+    trials: int = Field(40, ge=1, description="trials to finish (over-budget and cached "
+                        "ones count)")
+    parallelism: int = Field(2, ge=1, description="measurements in flight at once; also "
+                             "bounded by the live workers of the target")
+    measure: MeasureSettings = MeasureSettings()
+    quality: QualitySettings = QualitySettings()
+    signal: Signal | None = Field(None, description="shorthand for quality.signal")
+    sampler: Literal["tpe", "nsga2", "random"] = "tpe"
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    population_size: int | None = Field(None, ge=2, le=1000, description="NSGA-II only")
+    timeout_s: float = Field(300.0, gt=0, le=24 * 3600, description="per evaluation")
+    memory_mb: int = Field(4096, ge=64, le=1_048_576, description="per evaluation")
+
+
+class Progress(BaseModel):
+    trials: int = 0
+    finished: int = 0
+    running: int = 0
+    measured: int = 0
+    cached: int = 0
+    over_budget: int = 0
+    failed: int = 0
+    interrupted: int = 0
+    feasible: int = 0
+    tasks_queued: int = 0
+    tasks_leased: int = 0
+
+
+TRIAL_EXAMPLE = {
+    "number": 7,
+    "state": "COMPLETE",
+    "status": "measured",
+    "values": {"quality": 512.3, "latency_ms": 9.81},
+    "feasible": True,
+    "constraints": {"latency_ms": -0.346, "params": -0.41},
+    "spec_hash": "5c1d0f0b6a7e...",
+    "spec_compact": "net_v1_r160_c3_n1000_stem_c16_k3_s2_a.hswish_...",
+    "params": 1771240,
+    "macs": 98122304,
+    "latency_ms": 9.81,
+}
+
+
+class TrialOut(BaseModel):
+    model_config = ConfigDict(extra="allow", json_schema_extra={"examples": [TRIAL_EXAMPLE]})
+
+    number: int
+    state: str
+    status: str | None = None
+    values: dict[str, float] | None = None
+    feasible: bool = False
+    constraints: dict[str, float] = {}
+    spec_hash: str | None = None
+    spec_compact: str | None = None
+    params: int | None = None
+    macs: int | None = None
+    latency_ms: float | None = None
+    quality: float | None = None
+    spec: dict[str, Any] | None = None
+
+
+class JobOut(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "3f9a1c2b7d4e5f60",
+                    "name": "edge-classifier",
+                    "target": "cpu-x86-4t",
+                    "status": "running",
+                    "trials": 40,
+                    "parallelism": 2,
+                    "study_name": "fitnas-job-3f9a1c2b7d4e5f60",
+                    "progress": {"trials": 40, "finished": 12, "running": 2, "measured": 8,
+                                 "cached": 1, "over_budget": 3, "feasible": 6},
+                    "best": TRIAL_EXAMPLE,
+                    "created_at": "2025-01-01T12:00:00Z",
+                }
+            ]
+        }
+    )
+
+    id: str
+    name: str | None
+    target: str
+    status: JobStatus
+    trials: int
+    parallelism: int
+    study_name: str
+    progress: Progress
+    best: TrialOut | None = None
+    error: str | None = None
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    finalized: bool = False
+    config: dict[str, Any] | None = None
+
+
+class Page(BaseModel):
+    total: int
+    offset: int
+    limit: int
+
+
+class JobPage(Page):
+    items: list[JobOut]
+
+
+class TrialPage(Page):
+    items: list[TrialOut]
+
+
+class ParetoOut(BaseModel):
+    job_id: str
+    final: bool = Field(description="true once the job has finished (completed/cancelled)")
+    items: list[TrialOut]
+
+
+class WinnerOut(BaseModel):
+    job_id: str
+    final: bool
+    trial: TrialOut | None = Field(description="null when no trial met every budget")
+    exports: dict[str, str] = Field(
+        default_factory=dict, description="download URL per format"
+    )
+
+
+# ---- targets and workers ------------------------------------------------------------------
+
+
+class TargetCreate(_In):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"name": "cpu-x86-4t",
+                                         "description": "x86 server, 4 threads"}]},
+    )
+
+    name: TargetName
+    description: str = Field("", max_length=2000)
+
+
+class TargetOut(BaseModel):
+    name: str
+    description: str
+    created_at: datetime
+    live_workers: int = 0
+    queued_tasks: int = 0
+    leased_tasks: int = 0
+
+
+class WorkerRegister(_In):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "target": "cpu-x86-4t",
+                    "name": "bench-01",
+                    "device": "cpu",
+                    "runtimes": ["eager", "torchscript", "onnxruntime"],
+                    "fingerprint": {"cpu": "AMD EPYC 7B13", "cores": 4, "torch": "2.4.0"},
+                }
+            ]
+        },
+    )
+
+    target: TargetName
+    name: str = Field(min_length=1, max_length=200)
+    device: str = Field("cpu", max_length=64)
+    runtimes: list[str] = Field(default_factory=list, max_length=16)
+    fingerprint: dict[str, Any] = Field(default_factory=dict)
+
+
+class WorkerRegistered(BaseModel):
+    worker_id: str
+    heartbeat_interval_s: float
+    lease_timeout_s: float
+
+
+class WorkerOut(BaseModel):
+    id: str
+    target: str
+    name: str
+    device: str
+    runtimes: list[str]
+    fingerprint: dict[str, Any]
+    registered_at: datetime
+    last_heartbeat_at: datetime
+    live: bool
+
+
+class WorkerPage(Page):
+    items: list[WorkerOut]
+
+
+# ---- the task protocol ---------------------------------------------------------------------
+
+
+class LeaseRequest(_In):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"worker_id": "a1b2c3d4e5f60718",
+                                         "target": "cpu-x86-4t", "wait_s": 20}]},
+    )
+
+    worker_id: str = Field(min_length=1, max_length=32)
+    target: TargetName
+    wait_s: float = Field(0.0, ge=0, le=30, description="long poll: wait up to this long")
+
+
+class LeaseOut(BaseModel):
+    task_id: str
+    lease_token: str
+    lease_expires_at: datetime
+    attempt: int
+    job_id: str
+    trial_number: int
+    task: dict[str, Any] = Field(description="an EvalTask (search.evaluators.types)")
+
+
+class LeaseTokenIn(_In):
+    lease_token: str = Field(min_length=1, max_length=200)
+
+
+class HeartbeatOut(BaseModel):
+    lease_expires_at: datetime
+
+
+class ResultIn(_In):
+    lease_token: str = Field(min_length=1, max_length=200)
+    outcome: EvalOutcome
+
+
+class ResultOut(BaseModel):
+    accepted: bool
+    duplicate: bool = False
+
+
+class FailIn(_In):
+    lease_token: str = Field(min_length=1, max_length=200)
+    reason: str = Field(max_length=100, examples=["crashed"])
+    message: str = Field("", max_length=10_000)
+
+
+class FailOut(BaseModel):
+    requeued: bool
+    attempts_used: int
+    max_attempts: int
+
+
+class ReleaseOut(BaseModel):
+    requeued: bool = True
+
+
+class Status(BaseModel):
+    status: str

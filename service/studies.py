@@ -1,0 +1,108 @@
+"""Optuna storage for the service, and JSON views of trials.
+
+One RDB storage object per process and URL (engine creation and Optuna's schema check
+are not free); Optuna's own caching layer only caches finished trials, which never
+change, so several API replicas may share the storage safely.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+from typing import Any
+
+from service.db import json_safe
+
+_LOCK = threading.Lock()
+_STORAGES: dict[str, Any] = {}
+
+# user attributes copied to the top level of a trial view (the rest stay in user_attrs)
+SUMMARY_ATTRS = (
+    "status",
+    "spec_hash",
+    "spec_compact",
+    "summary",
+    "params",
+    "macs",
+    "activation_bytes",
+    "quality",
+    "latency_ms",
+    "latency_p90_ms",
+    "latency_cv",
+    "latency_ratio",
+    "contended",
+    "fail_reason",
+    "fail_message",
+    "over_budget",
+)
+
+
+def get_storage(url: str):
+    """A shared ``optuna.storages.RDBStorage`` for ``url`` (WAL on SQLite files)."""
+    with _LOCK:
+        storage = _STORAGES.get(url)
+        if storage is None:
+            from search.study import make_storage
+
+            storage = make_storage(url)
+            _STORAGES[url] = storage
+        return storage
+
+
+def forget_storage(url: str) -> None:
+    with _LOCK:
+        storage = _STORAGES.pop(url, None)
+    if storage is not None:
+        with contextlib.suppress(Exception):  # best effort on shutdown
+            storage.engine.dispose()
+
+
+def load_study(url: str, study_name: str):
+    """The job's study, or None when the scheduler has not opened it yet."""
+    import optuna
+
+    storage = get_storage(url)
+    try:
+        storage.get_study_id_from_name(study_name)
+    except KeyError:
+        return None
+    return optuna.load_study(study_name=study_name, storage=storage)
+
+
+def is_feasible(t) -> bool:
+    from optuna.trial import TrialState
+
+    return (
+        t.state == TrialState.COMPLETE
+        and t.values is not None
+        and all(v <= 0 for v in (t.constraints or {}).values())
+    )
+
+
+def trial_view(t, *, include_spec: bool = False, include_attrs: bool = True) -> dict[str, Any]:
+    """A JSON-able summary of an Optuna FrozenTrial made by the search driver."""
+    attrs = dict(t.user_attrs)
+    view: dict[str, Any] = {
+        "number": t.number,
+        "state": t.state.name,
+        "values": (
+            {"quality": t.values[0], "latency_ms": t.values[1]}
+            if t.values is not None and len(t.values) == 2
+            else None
+        ),
+        "feasible": is_feasible(t),
+        "constraints": dict(t.constraints or {}),
+        "params_sampled": dict(t.params),
+        "datetime_start": t.datetime_start,
+        "datetime_complete": t.datetime_complete,
+    }
+    for key in SUMMARY_ATTRS:
+        if key in attrs:
+            view[key] = attrs[key]
+    spec = attrs.pop("spec", None)
+    if include_spec and spec is not None:
+        view["spec"] = json.loads(spec) if isinstance(spec, str) else spec
+    if include_attrs:
+        view["user_attrs"] = attrs
+    return json_safe(view)
