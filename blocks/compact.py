@@ -149,7 +149,7 @@ def _parse_tokens(tokens: list[str], keys: dict[str, str], where: str) -> dict[s
             if not tok.startswith(key):
                 continue
             rest = tok[len(key):]
-            if rest.startswith("-") and len(rest) > 1:
+            if rest.startswith("-"):  # a word; "-" alone is the empty string
                 out[field] = unquote(rest[1:])
                 break
             if _NUMBER.match(rest):
