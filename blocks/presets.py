@@ -6,6 +6,7 @@ counts at width 1.0 and 1000 classes are checked in tests/test_presets.py.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -134,7 +135,11 @@ def shufflenet_v1(width: float = 1.0, num_classes: int = 1000, resolution: int =
         raise ValueError(f"ShuffleNet V1 groups must be one of {sorted(widths)}")
     base = widths[groups]
     outs = [make_divisible(base * m * width, 4 * groups) for m in (1, 2, 4)]
-    stem = 24 if width <= 1.0 else make_divisible(24 * width, 8)
+    # 24 (divisible by every allowed group count, as the stride-2 concat needs) up to
+    # 1.5x as in the reference code; wider: a multiple of both 8 and groups.
+    stem = 24 if width <= 1.5 else make_divisible(24 * width, math.lcm(8, groups))
+    if stem >= outs[0]:  # very narrow: keep the first unit's branch (out - in) non-empty
+        stem = outs[0] // 2
     stages = []
     for i, (out, n) in enumerate(zip(outs, (4, 8, 4), strict=True)):
         mid = out // 4

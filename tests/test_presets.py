@@ -1,0 +1,73 @@
+"""Presets match their reference implementations exactly (1000 classes, width 1.0)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from blocks import PRESETS, build_model, load_spec, preset
+from blocks.cost import estimate_cost
+
+# torchvision's counts (and the MobileNetV1 paper's 4.2M); ShuffleNet V1 g=3 is ours.
+EXPECTED_PARAMS = {
+    "mobilenet_v2": 3_504_872,
+    "mobilenet_v3_large": 5_483_032,
+    "mobilenet_v3_small": 2_542_856,
+    "mnasnet": 4_383_312,
+    "efficientnet_b0": 5_288_548,
+    "resnext50": 25_028_904,
+    "mobilenet_v1": 4_231_976,
+    "shufflenet_v1": 1_864_728,
+}
+# multiply-accumulates at 224x224; torchvision lists these as GFLOPS 0.30 / 0.22 / 0.06 /
+# 0.31 / 0.39 / 4.23, the MobileNetV1 paper 569M mult-adds.
+EXPECTED_MACS = {
+    "mobilenet_v2": 300_774_272,
+    "mobilenet_v3_large": 216_589_760,
+    "mobilenet_v3_small": 56_510_400,
+    "mnasnet": 314_415_872,
+    "efficientnet_b0": 385_814_752,
+    "resnext50": 4_230_479_872,
+    "mobilenet_v1": 568_740_352,
+}
+
+
+def test_every_preset_is_pinned():
+    assert set(EXPECTED_PARAMS) == set(PRESETS)
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_preset_parameter_count(name):
+    spec = preset(name)
+    model = build_model(spec)
+    assert sum(p.numel() for p in model.parameters()) == EXPECTED_PARAMS[name]
+    assert estimate_cost(spec).params == EXPECTED_PARAMS[name]
+    assert load_spec(f"preset:{name}") == spec
+
+
+@pytest.mark.parametrize("name", list(EXPECTED_MACS))
+def test_preset_macs_at_224(name):
+    assert estimate_cost(preset(name)).macs == EXPECTED_MACS[name]
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+@pytest.mark.parametrize("width", [0.5, 1.4])
+def test_width_multipliers_build_and_are_costed_exactly(name, width):
+    spec = preset(name, width, num_classes=10, resolution=32)
+    model = build_model(spec).eval()
+    assert estimate_cost(spec).params == sum(p.numel() for p in model.parameters())
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+    assert load_spec(f"preset:{name}@{width}").stages == preset(name, width).stages
+
+
+def test_width_changes_the_cost_monotonically():
+    params = [estimate_cost(preset("mobilenet_v2", w)).params for w in (0.35, 0.5, 0.75, 1.0)]
+    assert params == sorted(params) and len(set(params)) == 4
+
+
+def test_bad_presets_are_refused():
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset("vgg16")
+    with pytest.raises(ValueError, match="width multiplier"):
+        preset("mobilenet_v2", 10.0)
