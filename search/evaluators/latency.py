@@ -5,10 +5,11 @@ TorchScript traced + frozen, or an ONNX Runtime session) with a fixed thread cou
 warm-up -> timed rounds. Each round is a blocked run in the manner of
 ``torch.utils.benchmark.Timer.blocked_autorange``: blocks of ``number`` calls, timed as a
 whole, until the round has lasted ``min_run_time_s``; every block gives one sample (its
-time divided by ``number``). With a reference network the rounds alternate candidate and
-reference (A B, then B A, ...) in the same process, and each round gives one ratio
-(candidate median / reference median of that round): a figure that survives the drift of
-a shared machine far better than absolute milliseconds.
+time divided by ``number``). With a reference network each round alternates candidate and
+reference blocks in the same process (A B B A A B ..., which of the two leads each pair
+drawn at random) for ``2 * min_run_time_s``, and gives one ratio (candidate median / reference
+median of that round): a figure that survives the drift of a shared machine far better
+than absolute milliseconds.
 
 Isolation (child process, timeout, memory ceiling) is :mod:`search.evaluators.runner`'s
 job; this module raises on failure.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import random
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -300,23 +302,42 @@ class Attempt:
         return max(robust_cv(self.cand), self.ratio_stats.cv if self.ratio_stats else 0.0)
 
 
+def interleaved_round(cand: Prepared, ref: Prepared, min_run_time: float,
+                      rng: random.Random) -> tuple[list[float], list[float]]:
+    """One round of alternating blocks of the candidate and the reference until the round
+    has lasted ``2 * min_run_time``: both see the same moments of the machine's load. Which
+    of the two leads each pair is drawn at random (seeded), so that neither is favoured by
+    a fixed phase against the scheduler's time slices."""
+    c: list[float] = []
+    f: list[float] = []
+    t0 = time.perf_counter()
+    while not c or time.perf_counter() - t0 < 2 * min_run_time:
+        if rng.random() < 0.5:
+            c.append(time_block(cand, cand.number) * 1e3)
+            f.append(time_block(ref, ref.number) * 1e3)
+        else:
+            f.append(time_block(ref, ref.number) * 1e3)
+            c.append(time_block(cand, cand.number) * 1e3)
+    return c, f
+
+
 def run_rounds(cand: Prepared, ref: Prepared | None, rounds: int,
                min_run_time: float) -> Attempt:
-    """``rounds`` timed rounds; with a reference, interleaved A B / B A."""
+    """``rounds`` timed rounds. With a reference, each round alternates candidate and
+    reference blocks (A B A B ..., the leader of each pair drawn at random) and gives one
+    ratio: the candidate's median over the reference's median in that round."""
     cand_all: list[float] = []
     ref_all: list[float] = []
     ratios: list[float] = []
-    for r in range(rounds):
+    rng = random.Random(0)
+    for _ in range(rounds):
         if ref is None:
             cand_all += timed_round(cand, min_run_time)
             continue
-        order = (cand, ref) if r % 2 == 0 else (ref, cand)
-        got: dict[str, list[float]] = {}
-        for p in order:
-            got[p.name] = timed_round(p, min_run_time)
-        cand_all += got[cand.name]
-        ref_all += got[ref.name]
-        ratios.append(median(got[cand.name]) / median(got[ref.name]))
+        c, f = interleaved_round(cand, ref, min_run_time, rng)
+        cand_all += c
+        ref_all += f
+        ratios.append(median(c) / median(f))
     return Attempt(
         cand_all, ref_all, ratios, summarize(cand_all),
         summarize(ref_all) if ref_all else None,
