@@ -171,8 +171,13 @@ class ApiClient:
             raise Unauthorized(f"{path}: HTTP {code}: {_detail(resp)}")
         if code == 409:
             raise LeaseLost(_detail(resp))
-        if code == 404 and path.startswith("/v1/workers/"):
-            raise UnknownWorker(_detail(resp))
+        if code == 404:
+            if path.startswith("/v1/workers/") or path == "/v1/tasks/lease":
+                # the API does not know this worker (its database was reset): register again
+                raise UnknownWorker(_detail(resp))
+            if path.startswith("/v1/tasks/"):
+                # the task is gone (its job was deleted): nothing to hold on to
+                raise LeaseLost(f"task gone: {_detail(resp)}")
         if code in _RETRY_STATUS:
             raise ApiUnavailable(f"HTTP {code}: {_detail(resp)}")
         raise ProtocolError(f"{path}: HTTP {code}: {_detail(resp)}")
@@ -272,6 +277,7 @@ class LeaseKeeper(threading.Thread):
                 continue
             self.beats += 1
             self.last_ok = time.monotonic()
+            log.debug("task %s: lease extended (heartbeat %d)", self.task_id, self.beats)
             backoff.reset()
             delay = self.interval_s
 

@@ -6,9 +6,18 @@ from __future__ import annotations
 
 import json
 import random
+import re
+import signal
 import statistics
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
+import httpx
 import pytest
+from service_harness import Proc, Stack, clean_env, free_port, wait_http
+from svc_helpers import FAST_MEASURE, job_body
 
 from search.evaluators.types import EvalTask, MeasureSettings
 from service.worker import (
@@ -127,3 +136,303 @@ def test_adapt_task_fits_device_and_refuses_mismatches():
     assert "needs runtime 'onnxruntime'" in adapt_task(ort, "cpu", ["eager", "torchscript"])
     quality_only = EvalTask(spec=spec, measure=None)
     assert adapt_task(quality_only, "cpu", ["eager"]) is quality_only
+
+
+# --------------------------------------------------------------------------- against the API
+#
+# One real API (``fitnas serve`` as a subprocess, SQLite) for this module, with short
+# leases so that a missing heartbeat shows within seconds. Every test uses its own target
+# (its own worker token) so that its worker sees only its own tasks.
+
+LEASE_TIMEOUT_S = 2.5
+HEARTBEAT_S = 0.5
+
+
+@dataclass
+class Api:
+    url: str
+    db_url: str
+    headers: dict[str, str]
+    stack: Stack
+    workdir: Path
+    early_worker: Proc
+    early_target: str
+    early_token: str
+
+    def token(self, target: str) -> str:
+        from service.auth import create_worker_token
+        from service.db import Database
+
+        db = Database(self.db_url)
+        try:
+            token, _ = create_worker_token(db, target)
+        finally:
+            db.dispose()
+        return token
+
+    def worker(self, name: str, target: str, token: str, *extra: str) -> Proc:
+        argv = ["fitnas", "worker", "--server", self.url, "--target", target,
+                "--poll-wait", "1", "--backoff-cap", "2", "--log-level", "debug", *extra]
+        return self.stack.start(name, argv, clean_env({"FITNAS_WORKER_TOKEN": token}))
+
+    def submit(self, target: str, trials: int, **measure) -> str:
+        body = job_body(target, trials=trials, parallelism=1,
+                        measure={**FAST_MEASURE, "max_cv": 1.0, **measure},
+                        quality={"signal": "none"})
+        r = httpx.post(f"{self.url}/v1/jobs", json=body, headers=self.headers, timeout=30)
+        assert r.status_code == 201, r.text
+        return r.json()["id"]
+
+    def job(self, job_id: str) -> dict:
+        r = httpx.get(f"{self.url}/v1/jobs/{job_id}", headers=self.headers, timeout=30)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def wait_job(self, job_id: str, timeout: float = 240) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            job = self.job(job_id)
+            if job["status"] in ("completed", "failed", "cancelled"):
+                return job
+            time.sleep(0.5)
+        raise AssertionError(f"job {job_id} not finished after {timeout} s: {job}\n"
+                             + self.stack.logs())
+
+    def cancel(self, job_id: str) -> None:
+        httpx.post(f"{self.url}/v1/jobs/{job_id}/cancel", headers=self.headers, timeout=30)
+
+    def tasks(self, job_id: str) -> list[dict]:
+        from sqlalchemy import create_engine, text
+
+        engine = create_engine(self.db_url)
+        try:
+            with engine.connect() as conn:
+                rows = conn.execute(
+                    text("SELECT trial_number, state, attempts_used, told_at "
+                         "FROM fitnas_tasks WHERE job_id = :j ORDER BY trial_number"),
+                    {"j": job_id},
+                ).mappings().all()
+        finally:
+            engine.dispose()
+        return [dict(r) for r in rows]
+
+
+def wait_log(proc: Proc, pattern: str, timeout: float = 120, count: int = 1) -> list[str]:
+    rx = re.compile(pattern)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        hits = [ln for ln in proc.log().splitlines() if rx.search(ln)]
+        if len(hits) >= count:
+            return hits
+        if not proc.alive():
+            break
+        time.sleep(0.1)
+    raise AssertionError(f"{proc.name}: no {count} x {pattern!r} in its log "
+                         f"(alive: {proc.alive()}):\n{proc.log()[-4000:]}")
+
+
+def wait_exit(proc: Proc, timeout: float) -> int:
+    try:
+        return proc.popen.wait(timeout)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"{proc.name} still running after {timeout} s:\n"
+                             f"{proc.log()[-3000:]}") from None
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory):
+    import migrations
+    from service.auth import create_api_key, create_worker_token
+    from service.db import Database
+
+    work = tmp_path_factory.mktemp("worker-api")
+    db_url = f"sqlite:///{work}/fitnas.db"
+    migrations.upgrade(db_url)
+    db = Database(db_url)
+    try:
+        key, _ = create_api_key(db, "tester")
+        early_target = "early"
+        early_token, _ = create_worker_token(db, early_target)
+    finally:
+        db.dispose()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    stack = Stack(work)
+    ctx = Api(url, db_url, {"Authorization": f"Bearer {key}"}, stack, work, None,  # type: ignore[arg-type]
+              early_target, early_token)
+    try:
+        # A worker started BEFORE the API: it must wait with backoff, then connect.
+        ctx.early_worker = ctx.worker("worker-early", early_target, early_token)
+        wait_log(ctx.early_worker, r"unavailable .* retrying in", count=3, timeout=120)
+        env = clean_env({
+            "FITNAS_DATABASE_URL": db_url,
+            "FITNAS_LEASE_TIMEOUT_S": str(LEASE_TIMEOUT_S),
+            "FITNAS_HEARTBEAT_INTERVAL_S": str(HEARTBEAT_S),
+            "FITNAS_SCHEDULER_INTERVAL_S": "0.2",
+            "FITNAS_LEASE_POLL_INTERVAL_S": "0.05",
+            "FITNAS_EXPORT_DIR": str(work / "exports"),
+        })
+        api_proc = stack.start("api", ["fitnas", "serve", "--host", "127.0.0.1", "--port",
+                                       str(port)], env)
+        wait_http(f"{url}/readyz", timeout=120, proc=api_proc)
+        yield ctx
+    finally:
+        stack.stop_all()
+
+
+def test_worker_started_before_the_api_backs_off_then_heartbeats_and_reports(api):
+    early = api.early_worker
+    wait_log(early, r"registered as", timeout=60)
+    # capped exponential backoff with jitter while the API was down
+    delays = [float(m) for m in re.findall(r"retrying in ([0-9.]+) s", early.log())]
+    assert len(delays) >= 3
+    assert max(delays) <= 2.0  # --backoff-cap 2
+    assert delays[2] > delays[0]  # grows: 0.25-0.5, 0.5-1, 1-2 s
+
+    # two tasks whose evaluation outlives the lease timeout several times over: only
+    # heartbeats keep them
+    job_id = api.submit(api.early_target, trials=2, rounds=3, min_run_time_s=1.0)
+    job = api.wait_job(job_id)
+    assert job["status"] == "completed", job
+    assert job["progress"]["finished"] == 2 and job["progress"]["measured"] == 2
+    tasks = api.tasks(job_id)
+    assert [t["state"] for t in tasks] == ["done", "done"]
+    assert [t["attempts_used"] for t in tasks] == [0, 0]  # no lease ever expired
+    log = early.log()
+    evals = [float(s) for s in re.findall(r"evaluated in ([0-9.]+) s", log)]
+    assert len(evals) == 2 and min(evals) > LEASE_TIMEOUT_S
+    beats = re.findall(r"lease extended \(heartbeat (\d+)\)", log)
+    assert len(beats) >= 2 * int(LEASE_TIMEOUT_S / HEARTBEAT_S)
+    assert log.count("reported, ok") == 2
+    assert "lease lost" not in log
+
+    # idle: SIGTERM stops it cleanly within about one long-poll window
+    t0 = time.monotonic()
+    early.popen.send_signal(signal.SIGTERM)
+    assert wait_exit(early, timeout=30) == 0
+    assert time.monotonic() - t0 < 15
+    assert "exiting: 2 leased, 2 reported" in early.log()
+
+
+def test_sigterm_releases_a_task_it_cannot_finish_then_another_worker_finishes(api):
+    import psutil
+
+    target = "release"
+    token = api.token(target)
+    job_id = api.submit(target, trials=1, rounds=6, min_run_time_s=0.5)
+    w1 = api.worker("worker-release-1", target, token, "--grace", "0.5")
+    wait_log(w1, r"\(attempt 1\): evaluating")
+    time.sleep(0.5)
+    children = psutil.Process(w1.popen.pid).children(recursive=True)
+    assert children, "the evaluation runs in a child process"
+    t0 = time.monotonic()
+    w1.popen.send_signal(signal.SIGTERM)
+    assert wait_exit(w1, timeout=30) == 0
+    assert time.monotonic() - t0 < 20
+    log = w1.log()
+    assert "did not finish in time; releasing it" in log and ": released" in log
+    assert not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children)
+    [task] = api.tasks(job_id)
+    assert task["state"] == "queued" and task["attempts_used"] == 0  # no attempt spent
+
+    # the next worker gets it (attempt 1 again) and, told to stop while evaluating with a
+    # long enough grace period, finishes and reports before exiting
+    w2 = api.worker("worker-release-2", target, token, "--grace", "200")
+    wait_log(w2, r"\(attempt 1\): evaluating")
+    w2.popen.send_signal(signal.SIGTERM)
+    assert wait_exit(w2, timeout=240) == 0
+    log2 = w2.log()
+    assert "waiting up to 200 s for the evaluation to finish" in log2
+    assert "reported, ok" in log2
+    job = api.wait_job(job_id, timeout=60)
+    assert job["status"] == "completed" and job["progress"]["measured"] == 1
+    [task] = api.tasks(job_id)
+    assert task["state"] == "done" and task["attempts_used"] == 0
+
+
+def test_worker_token_for_another_target_is_refused_in_one_line(api):
+    token = api.token("scoped-a")
+    p = api.worker("worker-wrong-target", "scoped-b", token)
+    assert wait_exit(p, timeout=60) == 2
+    lines = [ln for ln in p.log().splitlines() if ln.strip()]
+    assert lines[-1].startswith("error: ") and "403" in lines[-1], lines
+    assert "Traceback" not in p.log()
+
+
+@pytest.mark.slow
+def test_lease_lost_409_drops_the_task_and_it_is_told_once(api):
+    """A worker frozen (SIGSTOP) past its lease: the reaper re-queues the task; when the
+    worker wakes its heartbeat (or result) gets 409 and it drops the task; the task runs
+    again and the trial is told exactly once."""
+    target = "frozen"
+    token = api.token(target)
+    job_id = api.submit(target, trials=1, rounds=8, min_run_time_s=0.5)
+    w = api.worker("worker-frozen", target, token)
+    wait_log(w, r"\(attempt 1\): evaluating")
+    w.popen.send_signal(signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            [task] = api.tasks(job_id)
+            if task["attempts_used"] == 1:
+                break
+            time.sleep(0.2)
+        assert task["state"] == "queued" and task["attempts_used"] == 1, task
+    finally:
+        w.popen.send_signal(signal.SIGCONT)
+    wait_log(w, r"lease lost")
+    wait_log(w, r"\(attempt 2\): evaluating")
+    job = api.wait_job(job_id)
+    assert job["status"] == "completed" and job["progress"]["finished"] == 1
+    [task] = api.tasks(job_id)
+    assert task["state"] == "done" and task["attempts_used"] == 1
+    assert w.log().count("reported, ok") == 1
+    w.popen.send_signal(signal.SIGTERM)
+    assert wait_exit(w, timeout=30) == 0
+
+
+@pytest.mark.slow
+def test_result_survives_an_api_restart(tmp_path):
+    """The API goes away while a task is evaluated: the worker keeps retrying (heartbeats
+    and the result) with backoff until it is back; nothing is lost, nothing told twice."""
+    import migrations
+    from service.auth import create_api_key, create_worker_token
+    from service.db import Database
+
+    db_url = f"sqlite:///{tmp_path}/fitnas.db"
+    migrations.upgrade(db_url)
+    db = Database(db_url)
+    try:
+        key, _ = create_api_key(db, "tester")
+        token, _ = create_worker_token(db, "restart")
+    finally:
+        db.dispose()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = clean_env({"FITNAS_DATABASE_URL": db_url, "FITNAS_LEASE_TIMEOUT_S": "120",
+                     "FITNAS_HEARTBEAT_INTERVAL_S": "0.5", "FITNAS_SCHEDULER_INTERVAL_S": "0.2",
+                     "FITNAS_EXPORT_DIR": str(tmp_path / "exports")})
+    stack = Stack(tmp_path)
+    api = Api(url, db_url, {"Authorization": f"Bearer {key}"}, stack, tmp_path, None,  # type: ignore[arg-type]
+              "restart", token)
+    try:
+        a1 = stack.start("api-1", ["fitnas", "serve", "--host", "127.0.0.1", "--port",
+                                   str(port)], env)
+        wait_http(f"{url}/readyz", timeout=120, proc=a1)
+        job_id = api.submit("restart", trials=1, rounds=10, min_run_time_s=0.5)
+        w = api.worker("worker-restart", "restart", token)
+        wait_log(w, r"\(attempt 1\): evaluating")
+        a1.terminate()
+        wait_log(w, r"heartbeat failed")
+        wait_log(w, r"evaluated in", timeout=240)
+        wait_log(w, r"reporting failed .* retrying in")
+        a2 = stack.start("api-2", ["fitnas", "serve", "--host", "127.0.0.1", "--port",
+                                   str(port)], env)
+        wait_http(f"{url}/readyz", timeout=120, proc=a2)
+        wait_log(w, r"reported, ok", timeout=60)
+        job = api.wait_job(job_id)
+        assert job["status"] == "completed" and job["progress"]["measured"] == 1
+        [task] = api.tasks(job_id)
+        assert task["state"] == "done" and task["attempts_used"] == 0
+    finally:
+        stack.stop_all()
