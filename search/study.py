@@ -320,7 +320,7 @@ class Proposal(BaseModel):
     reason: str | None = None
 
 
-def _owner() -> str:
+def process_owner() -> str:
     """host:pid:process-start-time, to tell a live local search from a dead one."""
     try:
         import psutil
@@ -685,5 +685,6 @@ __all__ = [
     "make_sampler",
     "make_storage",
     "owner_alive",
+    "process_owner",
     "redact_url",
 ]

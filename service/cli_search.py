@@ -1,7 +1,224 @@
-"""(commands registered by this module)"""
+"""``fitnas search`` (the embedded local search) and ``fitnas dashboard``
+(optuna-dashboard on the same storage)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import typer
 
+from service.cli_common import fail, print_json
+
+DEFAULT_OUT = "fitnas-out"
+DEFAULT_REFERENCE = "preset:mobilenet_v2@0.5"
+
+
+def _default_storage(out: str | Path) -> str:
+    return f"sqlite:///{Path(out)}/fitnas.db"
+
+
+def _first_error(exc) -> str:
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"].removeprefix("Value error, ")
+    return f"{where}: {msg}" if where else msg
+
+
+def search(
+    space: str = typer.Option("default", "--space",
+                              help="a built-in space (default, mobilenet_v2) or a YAML/JSON "
+                                   "file"),
+    target: str = typer.Option("cpu", "--target",
+                               help="name of the target recorded with the results"),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda[:N] (this machine)"),
+    max_latency_ms: float | None = typer.Option(None, "--max-latency-ms",
+                                                help="latency budget in ms (median)"),
+    max_latency_ratio: float | None = typer.Option(
+        None, "--max-latency-ratio",
+        help="latency budget relative to the reference network, timed interleaved in the "
+             "same process (robust to machine noise and drift)"),
+    reference: str = typer.Option(DEFAULT_REFERENCE, "--reference",
+                                  help="SPEC of the reference network"),
+    max_params: int | None = typer.Option(None, "--max-params", help="parameter budget"),
+    max_macs: int | None = typer.Option(None, "--max-macs",
+                                        help="multiply-accumulates per image"),
+    max_memory_mb: float | None = typer.Option(
+        None, "--max-memory-mb", help="peak activation memory budget (MiB)"),
+    trials: int = typer.Option(30, "--trials",
+                               help="finished trials in the study in total (a resumed "
+                                    "search does the remainder)"),
+    signal: str = typer.Option("synflow", "--signal",
+                               help="quality signal: synflow, naswot, grad_norm, train, none"),
+    data: str = typer.Option("digits", "--data", help="data set for --signal train"),
+    storage: str | None = typer.Option(
+        None, "--storage", help="SQLAlchemy URL (default sqlite:///OUT/fitnas.db)"),
+    study: str | None = typer.Option(
+        None, "--study", help="study name (default: derived from the configuration)"),
+    sampler: str = typer.Option("tpe", "--sampler", help="tpe, nsga2 or random"),
+    seed: int | None = typer.Option(0, "--seed", help="sampler seed"),
+    runtime: str = typer.Option("eager", "--runtime",
+                                help="eager, torchscript or onnxruntime"),
+    threads: int | None = typer.Option(None, "--threads",
+                                       help="CPU threads (default: free cores, at most 4)"),
+    resolution: int | None = typer.Option(
+        None, "--resolution", help="fix the input resolution (overrides the space's choices)"),
+    batch: int = typer.Option(1, "--batch", help="batch size for latency"),
+    rounds: int = typer.Option(7, "--rounds", help="timed rounds per latency measurement"),
+    min_run_time: float = typer.Option(0.2, "--min-run-time",
+                                       help="seconds per timed round"),
+    timeout: float = typer.Option(300.0, "--timeout", help="seconds per evaluation"),
+    memory_mb: int = typer.Option(4096, "--memory-mb",
+                                  help="memory ceiling per evaluation (MiB)"),
+    presets: str = typer.Option(
+        "mobilenet_v2@0.5,mobilenet_v3_small@0.75,mnasnet@0.5", "--presets",
+        help="reference networks for the plot (comma-separated NAME@WIDTH, or 'none')"),
+    out: str = typer.Option(DEFAULT_OUT, "--out", help="output folder"),
+    as_json: bool = typer.Option(False, "--json",
+                                 help="print the Pareto set and the winner as JSON"),
+) -> None:
+    """Search a design space for the best CNNs under hard budgets on this machine:
+    Optuna multi-objective (quality up, latency down), exact params/MACs/memory before
+    anything runs, real latency in an isolated child process. Ctrl-C, then the same
+    command again, resumes."""
+    from pydantic import ValidationError
+
+    from search.evaluators.types import MeasureSettings, QualitySettings
+    from search.local import SearchInterrupted, run_search
+    from search.space import DesignSpace, SpaceError
+    from search.study import Budgets, SearchConfig, SearchError
+    from service.cli_common import load_spec_or_fail
+
+    if (max_latency_ms is None) == (max_latency_ratio is None):
+        fail("give exactly one latency budget: --max-latency-ms X or --max-latency-ratio R")
+    if sampler not in ("tpe", "nsga2", "random"):
+        fail(f"--sampler must be tpe, nsga2 or random (got {sampler!r})")
+    ref = reference.strip()
+    if ref.lower() in ("", "none"):
+        if max_latency_ratio is not None:
+            fail("--max-latency-ratio needs a --reference network")
+        ref = None
+    else:
+        load_spec_or_fail(ref)
+    try:
+        space_obj = DesignSpace.load(space)
+    except SpaceError as exc:
+        fail(str(exc))
+    if resolution is not None:
+        if not 8 <= resolution <= 1024:
+            fail(f"--resolution must be in [8, 1024] (got {resolution})")
+        space_obj = space_obj.model_copy(update={"resolution": [resolution]})
+    preset_list = [p.strip().removeprefix("preset:") for p in presets.split(",")
+                   if p.strip() and p.strip().lower() != "none"]
+    try:
+        config = SearchConfig(
+            space=space_obj,
+            target=target,
+            budgets=Budgets(
+                max_latency_ms=max_latency_ms, max_latency_ratio=max_latency_ratio,
+                max_params=max_params, max_macs=max_macs,
+                max_activation_bytes=None if max_memory_mb is None
+                else int(max_memory_mb * 2**20)),
+            trials=trials,
+            measure=MeasureSettings(device=device, runtime=runtime, threads=threads,
+                                    batch=batch, reference=ref, rounds=rounds,
+                                    min_run_time_s=min_run_time),
+            quality=QualitySettings(signal=signal, data=data),
+            sampler=sampler,
+            seed=seed,
+            timeout_s=timeout,
+            memory_mb=memory_mb,
+        )
+    except ValidationError as exc:
+        fail(f"bad option {_first_error(exc)}")
+    except ValueError as exc:
+        fail(str(exc).splitlines()[0])
+    storage_url = storage or _default_storage(out)
+    study_name = study or config.default_study_name()
+    from rich.console import Console
+
+    err = Console(stderr=True)
+    if not as_json:
+        err.print(f"study {study_name!r} in {storage_url}  (dashboard: fitnas dashboard "
+                  f"--storage {storage_url})", highlight=False)
+    try:
+        result = run_search(config, storage_url, study_name, out, progress=True,
+                            presets=preset_list, console=err)
+    except SearchInterrupted as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(130) from None
+    except (SearchError, SpaceError) as exc:
+        fail(str(exc))
+    if as_json:
+        print_json(result.to_json())
+        return
+    _print_summary(result)
+
+
+def _print_summary(result) -> None:
+    from rich.console import Console
+
+    from search.report import pareto_table
+
+    console = Console(width=max(120, Console().width))
+    r = result.result
+    c = r["counts"]
+    winner = r["winner"]
+    console.print(pareto_table(r["pareto"], winner["number"] if winner else None))
+    console.print(
+        f"{c['trials']} trials: {c['measured']} measured, {c['cached']} from the cache, "
+        f"{c['over_budget']} over a params/MACs/memory budget (not measured), "
+        f"{c['failed']} failed; {c['feasible']} feasible", highlight=False)
+    refs = [x for x in r["references"] if x.get("ok")]
+    if refs:
+        console.print("reference networks: " + ", ".join(
+            f"{x['name']} {x['latency_ms']:.3f} ms q={x.get('quality', 0):.4g}" for x in refs),
+            highlight=False)
+    if winner is None:
+        console.print("no feasible architecture found: loosen the budgets or run more trials",
+                      highlight=False)
+    else:
+        console.print(f"recommended: #{winner['number']} quality {winner['quality']:.4g}, "
+                      f"{winner['latency_ms']:.3f} ms, {winner.get('params', 0):,} params",
+                      highlight=False)
+        console.print(f"  {winner.get('spec_compact', '')}", highlight=False, soft_wrap=True)
+        for fmt, path in result.exports.items():
+            console.print(f"  {fmt:<12} {path}", highlight=False)
+        for fmt, msg in result.export_errors.items():
+            console.print(f"  {fmt:<12} export failed: {msg}", highlight=False)
+    console.print(f"plot: {result.plot}\nresult: {result.result_json}", highlight=False)
+
+
+def dashboard(
+    storage: str | None = typer.Option(
+        None, "--storage", help=f"SQLAlchemy URL (default sqlite:///{DEFAULT_OUT}/fitnas.db)"),
+    host: str = typer.Option("127.0.0.1", "--host",
+                             help="bind address (the dashboard has no authentication)"),
+    port: int = typer.Option(8080, "--port", help="port"),
+) -> None:
+    """Open optuna-dashboard on a search storage (every trial, its constraints and cost
+    figures as user attributes). It has no authentication: keep it on localhost or behind
+    a proxy."""
+    from search.study import SearchError, make_storage, sqlite_path
+
+    url = storage or _default_storage(DEFAULT_OUT)
+    path = sqlite_path(url)
+    if path is not None and not Path(path).is_file():
+        fail(f"no search database at {path} (run fitnas search first, or give --storage)")
+    try:
+        rdb = make_storage(url)
+    except SearchError as exc:
+        fail(str(exc))
+    from optuna_dashboard import run_server
+
+    typer.echo(f"optuna-dashboard on http://{host}:{port}/ for {url}", err=True)
+    sys.stderr.flush()
+    try:
+        run_server(rdb, host=host, port=port)
+    except OSError as exc:
+        fail(f"cannot serve on {host}:{port}: {exc}")
+
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.command("search")(search)
+    app.command("dashboard")(dashboard)

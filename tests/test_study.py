@@ -261,9 +261,9 @@ def test_fail_stale_and_resume_counting(url):
 
 
 def _this_owner():
-    from search.study import _owner
+    from search.study import process_owner
 
-    return _owner()
+    return process_owner()
 
 
 def test_resumed_seeded_sampler_does_not_replay_the_first_run(url):

@@ -1,0 +1,299 @@
+"""The embedded search behind ``fitnas search``: ask -> evaluate in an isolated child
+process -> tell, with a progress bar, Ctrl-C handling and resume.
+
+Resume: the study lives in the storage (SQLite file by default); running the same command
+again loads it, tells FAIL (reason ``interrupted``) to RUNNING trials whose process is
+gone, and does the remaining trials (``config.trials`` counts finished trials of the
+study in total; interrupted ones do not count).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from optuna.trial import TrialState
+
+from search.evaluators.types import EvalOutcome, EvalTask
+from search.study import (
+    SearchConfig,
+    SearchDriver,
+    SQLMeasurementCache,
+    process_owner,
+)
+
+# Reference networks measured on the same device with the same settings (cached), drawn
+# as points on the Pareto plot. Small widths: cheap to measure, in the range of budgets.
+DEFAULT_PRESETS = ("mobilenet_v2@0.5", "mobilenet_v3_small@0.75", "mnasnet@0.5")
+
+Evaluator = Callable[[EvalTask], EvalOutcome]
+
+
+class SearchInterrupted(Exception):
+    """Ctrl-C (or SIGTERM) stopped the search; the study is consistent and resumable."""
+
+    def __init__(self, study_name: str, finished: int, trials: int):
+        super().__init__(
+            f"interrupted after {finished}/{trials} trials of study {study_name!r}; "
+            "run the same command again to resume")
+        self.study_name = study_name
+        self.finished = finished
+        self.trials = trials
+
+
+@dataclass
+class SearchResult:
+    result: dict[str, Any]
+    out_dir: Path
+    result_json: Path
+    plot: Path | None
+    exports: dict[str, str] = field(default_factory=dict)
+    export_errors: dict[str, str] = field(default_factory=dict)
+    resumed: bool = False
+    marked_interrupted: list[int] = field(default_factory=list)
+
+    @property
+    def pareto(self) -> list[dict[str, Any]]:
+        return self.result["pareto"]
+
+    @property
+    def winner(self) -> dict[str, Any] | None:
+        return self.result["winner"]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "study": self.result["study"],
+            "storage": self.result["storage"],
+            "counts": self.result["counts"],
+            "budgets": self.result["budgets"],
+            "pareto": self.pareto,
+            "winner": self.winner,
+            "references": self.result["references"],
+            "out_dir": str(self.out_dir),
+            "result_json": str(self.result_json),
+            "plot": str(self.plot) if self.plot else None,
+            "exports": self.exports,
+            "export_errors": self.export_errors,
+        }
+
+
+def default_evaluator(data_sources: dict[str, str] | None = None) -> Evaluator:
+    from search.evaluators.runner import evaluate
+
+    def run(task: EvalTask) -> EvalOutcome:
+        return evaluate(task, isolated=True, data_sources=data_sources)
+
+    return run
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (docker stop, kill) stops the search the way Ctrl-C does."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _Progress:
+    """A rich progress bar on stderr: trials finished / total and the best feasible."""
+
+    def __init__(self, enabled: bool, total: int, done: int, console=None):
+        self.enabled = enabled
+        self.bar = None
+        if not enabled:
+            return
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        self.console = console or Console(stderr=True)
+        self.bar = Progress(
+            TextColumn("[bold]trials"), BarColumn(), MofNCompleteColumn(),
+            TimeElapsedColumn(), TextColumn("{task.fields[best]}"),
+            console=self.console, transient=False)
+        self.task = self.bar.add_task("search", total=total, completed=done, best="")
+
+    def __enter__(self):
+        if self.bar is not None:
+            self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+    def log(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.console.print(text, highlight=False)
+
+    def update(self, done: int, best: str) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=done, best=best)
+
+
+def _best_text(driver: SearchDriver) -> str:
+    best = driver.best_feasible()
+    if best is None:
+        return "best feasible: none yet"
+    return (f"best feasible #{best.number}: quality {best.values[0]:.4g}, "
+            f"{best.values[1]:.3f} ms")
+
+
+def _trial_line(driver: SearchDriver, number: int) -> str:
+    t = driver._frozen(number)
+    ua = t.user_attrs
+    status = ua.get("status", t.state.name.lower())
+    head = f"#{number:<4} {status:<11}"
+    if t.state == TrialState.COMPLETE:
+        feas = "feasible" if driver.is_feasible(t) else "over budget"
+        ratio = ua.get("latency_ratio")
+        rtxt = f" ({ratio:.2f}x ref)" if isinstance(ratio, float) else ""
+        return (f"{head} quality {t.values[0]:<10.4g} {t.values[1]:8.3f} ms{rtxt}  "
+                f"{ua.get('params', 0) / 1e6:.2f}M params  {feas}  {ua.get('summary', '')}")
+    if t.state == TrialState.PRUNED:
+        return (f"{head} over the {ua.get('over_budget', '')} budget (not measured)  "
+                f"{ua.get('params', 0) / 1e6:.2f}M params  {ua.get('summary', '')}")
+    return f"{head} {ua.get('fail_reason', '')}: {ua.get('fail_message', '')}"
+
+
+def measure_references(config: SearchConfig, presets: tuple[str, ...] | list[str],
+                       evaluate: Evaluator, cache: SQLMeasurementCache | None,
+                       log: Callable[[str], None] = lambda s: None) -> list[dict[str, Any]]:
+    """Measure reference networks through the same runner and settings as the trials
+    (cached like trials). Presets are built for the space's classes and at the measured
+    resolution (``measure.resolution``, else the space's largest)."""
+    from blocks.cost import estimate_cost
+    from blocks.presets import preset
+
+    resolution = config.measure.resolution or max(config.space.resolution)
+    out = []
+    for item in presets:
+        name, _, width = item.partition("@")
+        entry: dict[str, Any] = {"name": item}
+        try:
+            spec = preset(name, float(width) if width else 1.0,
+                          num_classes=config.space.num_classes, resolution=resolution)
+        except (ValueError, TypeError) as exc:
+            entry.update(ok=False, failure=str(exc).splitlines()[0])
+            out.append(entry)
+            continue
+        key = config.cache_key(spec)
+        outcome = cache.get(key) if cache is not None else None
+        cached = outcome is not None and outcome.ok
+        if not cached:
+            log(f"reference {item}: measuring at {resolution}x{resolution}")
+            outcome = evaluate(config.eval_task(spec))
+            if outcome.ok and cache is not None:
+                cache.put(key, outcome)
+        cost = estimate_cost(spec)
+        entry.update(spec_hash=spec.hash, resolution=resolution, params=cost.params,
+                     macs=cost.macs, cached=cached, ok=bool(outcome.ok))
+        if outcome.ok and outcome.latency is not None:
+            lat = outcome.latency
+            entry["latency_ms"] = lat.latency_ms.median
+            entry["latency_p90_ms"] = lat.latency_ms.p90
+            if lat.ratio_to_reference is not None:
+                entry["latency_ratio"] = lat.ratio_to_reference.median
+            entry["quality"] = outcome.quality.value if outcome.quality else 0.0
+        elif outcome.failure is not None:
+            entry["failure"] = f"{outcome.failure.reason}: {outcome.failure.message}"
+        out.append(entry)
+    return out
+
+
+def run_search(config: SearchConfig, storage: str, study_name: str, out_dir: str | Path,
+               progress: bool = True, *, presets: tuple[str, ...] | list[str] = DEFAULT_PRESETS,
+               evaluate: Evaluator | None = None, data_sources: dict[str, str] | None = None,
+               console=None, export: bool = True) -> SearchResult:
+    """Run (or resume) a local search; write the report into ``out_dir``.
+
+    Raises :class:`SearchInterrupted` on Ctrl-C / SIGTERM after telling FAIL (reason
+    ``interrupted``) to this process's running trial."""
+    import optuna
+
+    from search import report
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    evaluate = evaluate or default_evaluator(data_sources)
+    cache = SQLMeasurementCache(storage)
+    driver = SearchDriver.open(storage, study_name, config, cache, mode="local",
+                               owner=process_owner())
+    resumed = len(driver.trials()) > 0
+    stale = driver.fail_stale(driver.stale_local_trials(), reason="interrupted",
+                              message="the search process stopped before this trial finished")
+    bar = _Progress(progress, config.trials, driver.n_finished(), console)
+    if resumed and progress:
+        bar_console = bar.console if bar.enabled else None
+        if bar_console is not None:
+            bar_console.print(
+                f"resuming study {study_name!r}: {driver.n_finished()}/{config.trials} trials "
+                f"done" + (f", {len(stale)} interrupted trial(s) marked failed" if stale else ""),
+                highlight=False)
+
+    with _sigterm_as_interrupt():
+        try:
+            with bar:
+                bar.update(driver.n_finished(), _best_text(driver))
+                while driver.n_finished() < config.trials:
+                    proposal = driver.ask()
+                    if proposal.task is not None:
+                        outcome = evaluate(proposal.task)
+                        driver.tell(proposal.trial_number, outcome)
+                    bar.log(_trial_line(driver, proposal.trial_number))
+                    bar.update(driver.n_finished(), _best_text(driver))
+                references = measure_references(config, presets, evaluate, cache, bar.log)
+        except KeyboardInterrupt:
+            mine = [t.number for t in driver.trials(TrialState.RUNNING)
+                    if t.user_attrs.get("owner") == driver.owner]
+            with contextlib.suppress(Exception):
+                driver.fail_stale(mine, reason="interrupted",
+                                  message="interrupted (Ctrl-C / SIGTERM)")
+            with contextlib.suppress(Exception):
+                cache.close()
+            raise SearchInterrupted(study_name, driver.n_finished(), config.trials) from None
+
+    result = report.build_result(driver, storage, references,
+                                 seconds=round(time.perf_counter() - t0, 2))
+    plot = report.plot_pareto(driver, out / "pareto.png", references)
+    exports: dict[str, str] = {}
+    errors: dict[str, str] = {}
+    rec = driver.recommend()
+    if rec is not None and export:
+        exports, errors = report.export_winner(driver.spec_of(rec), out / "winner")
+    result["exports"] = exports
+    result["export_errors"] = errors
+    result["plot"] = str(plot)
+    result_json = out / "result.json"
+    result_json.write_text(json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
+    cache.close()
+    return SearchResult(result=result, out_dir=out, result_json=result_json, plot=plot,
+                        exports=exports, export_errors=errors, resumed=resumed,
+                        marked_interrupted=stale)
+
+
+__all__ = ["DEFAULT_PRESETS", "SearchInterrupted", "SearchResult", "measure_references",
+           "run_search"]

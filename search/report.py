@@ -1,0 +1,217 @@
+"""What a finished search leaves behind: the Pareto table, the Pareto plot (quality
+against latency, the budget line, reference networks measured on the same device), the
+recommended architecture in every export format and ``result.json``."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from optuna.trial import FrozenTrial, TrialState
+
+from search.study import SearchConfig, SearchDriver
+
+
+def trial_row(t: FrozenTrial) -> dict[str, Any]:
+    """A JSON-able summary of one trial made by the driver."""
+    ua = t.user_attrs
+    row: dict[str, Any] = {
+        "number": t.number,
+        "state": t.state.name,
+        "status": ua.get("status"),
+        "feasible": bool(SearchDriver.is_feasible(t)),
+        "quality": t.values[0] if t.values else ua.get("quality"),
+        "latency_ms": t.values[1] if t.values else ua.get("latency_ms"),
+        "constraints": dict(t.constraints),
+    }
+    for key in ("latency_p90_ms", "latency_iqr_ms", "latency_cv", "latency_n",
+                "latency_ratio", "reference", "reference_latency_ms", "params", "macs",
+                "activation_bytes", "resolution", "quality_signal", "spec_hash",
+                "spec_compact", "summary", "contended", "fail_reason", "fail_message",
+                "over_budget"):
+        if key in ua:
+            row[key] = ua[key]
+    if "spec" in ua:
+        row["spec"] = json.loads(ua["spec"])
+    return row
+
+
+def _fmt_int(n: Any) -> str:
+    if not isinstance(n, int | float):
+        return "-"
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(int(n))
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    if not isinstance(x, int | float) or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    return f"{x:.{digits}g}" if abs(x) >= 1e4 or abs(x) < 1e-3 else f"{x:.{digits}f}"
+
+
+def pareto_table(rows: list[dict[str, Any]], winner: int | None = None, title: str = ""):
+    """A rich table of Pareto members (sorted by latency)."""
+    from rich.table import Table
+
+    table = Table(title=title or "Pareto set (feasible, non-dominated)", title_justify="left")
+    for col, justify in (("#", "right"), ("quality", "right"), ("latency ms", "right"),
+                         ("p90 ms", "right"), ("x ref", "right"), ("params", "right"),
+                         ("MACs", "right"), ("act. mem", "right"), ("architecture", "left")):
+        table.add_column(col, justify=justify)
+    for r in rows:
+        mark = " *" if r["number"] == winner else ""
+        mem = r.get("activation_bytes")
+        table.add_row(
+            f"{r['number']}{mark}", _fmt(r.get("quality"), 4), _fmt(r.get("latency_ms")),
+            _fmt(r.get("latency_p90_ms")), _fmt(r.get("latency_ratio")),
+            _fmt_int(r.get("params")), _fmt_int(r.get("macs")),
+            f"{mem / 2**20:.2f} MiB" if isinstance(mem, int | float) else "-",
+            str(r.get("summary", "")),
+        )
+    return table
+
+
+def plot_pareto(driver: SearchDriver, path: Path, references: list[dict[str, Any]],
+                title: str = "") -> Path:
+    """Quality against latency: measured trials (feasible / over a budget), the Pareto
+    front, the latency budget line and reference networks; PNG via the Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    budgets = driver.config.budgets
+    use_ratio = budgets.max_latency_ms is None and budgets.max_latency_ratio is not None
+
+    def x_of(ua_or_row: dict[str, Any], latency: float | None) -> float | None:
+        return ua_or_row.get("latency_ratio") if use_ratio else latency
+
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
+    feas_x, feas_y, inf_x, inf_y = [], [], [], []
+    for t in driver.trials(TrialState.COMPLETE):
+        x = x_of(t.user_attrs, t.values[1])
+        if x is None:
+            continue
+        if driver.is_feasible(t):
+            feas_x.append(x)
+            feas_y.append(t.values[0])
+        else:
+            inf_x.append(x)
+            inf_y.append(t.values[0])
+    if inf_x:
+        ax.scatter(inf_x, inf_y, marker="x", color="0.6", s=28, label="over a budget")
+    if feas_x:
+        ax.scatter(feas_x, feas_y, color="tab:blue", s=22, alpha=0.7, label="feasible")
+    front = driver.pareto()
+    if front:
+        fx = [x_of(t.user_attrs, t.values[1]) for t in front]
+        fy = [t.values[0] for t in front]
+        ax.step(fx, fy, where="post", color="tab:red", lw=1.5)
+        ax.scatter(fx, fy, color="tab:red", s=40, zorder=3, label="Pareto set")
+        rec = driver.recommend()
+        if rec is not None:
+            ax.scatter([x_of(rec.user_attrs, rec.values[1])], [rec.values[0]], s=220,
+                       facecolors="none", edgecolors="black", lw=1.5, zorder=4,
+                       label=f"recommended (#{rec.number})")
+    budget = budgets.max_latency_ratio if use_ratio else budgets.max_latency_ms
+    if budget is not None:
+        ax.axvline(budget, color="tab:green", ls="--", lw=1.2,
+                   label=f"budget {budget:g}{'x ref' if use_ratio else ' ms'}")
+    ref_pts = [r for r in references if r.get("ok")]
+    if ref_pts:
+        rx = [x_of(r, r.get("latency_ms")) for r in ref_pts]
+        ry = [r.get("quality") for r in ref_pts]
+        keep = [(x, y, r["name"]) for x, y, r in zip(rx, ry, ref_pts, strict=True)
+                if x is not None and y is not None]
+        if keep:
+            ax.scatter([k[0] for k in keep], [k[1] for k in keep], marker="*", s=140,
+                       color="tab:orange", edgecolors="black", lw=0.5, zorder=5,
+                       label="reference networks")
+            for x, y, name in keep:
+                ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, 4),
+                            fontsize=8)
+    signal = driver.config.quality.signal
+    ax.set_xlabel("latency relative to the reference network" if use_ratio
+                  else "latency, median (ms)")
+    ax.set_ylabel(f"quality ({signal})")
+    ax.set_title(title or f"{driver.study.study_name} on {driver.config.target}", fontsize=10)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def export_winner(spec, out_dir: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """Every export format; a format that fails is reported, the others still written."""
+    from blocks.builder import build_model
+    from blocks.export import FORMATS, export, export_all
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return {k: str(v) for k, v in export_all(spec, out_dir).items()}, {}
+    except Exception:  # one format failed: write the others one by one, say which
+        pass
+    written, errors = {}, {}
+    model = build_model(spec)
+    from blocks.export import FILE_NAMES
+
+    for fmt in FORMATS:
+        try:
+            written[fmt] = str(export(spec, fmt, out_dir / FILE_NAMES[fmt], model=model))
+        except Exception as exc:
+            errors[fmt] = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return written, errors
+
+
+def summary_counts(driver: SearchDriver) -> dict[str, int]:
+    trials = driver.trials()
+    counts = {"trials": sum(1 for t in trials if driver.counts_as_finished(t)),
+              "measured": 0, "cached": 0, "over_budget": 0, "failed": 0, "interrupted": 0,
+              "feasible": 0, "running": 0}
+    for t in trials:
+        status = t.user_attrs.get("status")
+        if t.state == TrialState.RUNNING:
+            counts["running"] += 1
+        elif status in counts:
+            counts[status] += 1
+        if driver.is_feasible(t):
+            counts["feasible"] += 1
+    return counts
+
+
+def build_result(driver: SearchDriver, storage: str, references: list[dict[str, Any]],
+                 seconds: float | None = None) -> dict[str, Any]:
+    config: SearchConfig = driver.config
+    front = driver.pareto()
+    rec = driver.recommend()
+    from search.study import redact_url
+
+    return {
+        "study": driver.study.study_name,
+        "storage": redact_url(storage),
+        "target": config.target,
+        "space": config.space.name,
+        "budgets": config.budgets.model_dump(exclude_none=True),
+        "objectives": {"quality": "maximize", "latency_ms": "minimize"},
+        "signal": config.quality.signal,
+        "sampler": config.sampler,
+        "seed": config.seed,
+        "counts": summary_counts(driver),
+        "seconds": seconds,
+        "pareto": [trial_row(t) for t in front],
+        "winner": trial_row(rec) if rec is not None else None,
+        "references": references,
+        "config": config.model_dump(mode="json"),
+    }
+
+
+__all__ = ["build_result", "export_winner", "pareto_table", "plot_pareto", "summary_counts",
+           "trial_row"]
