@@ -1,0 +1,352 @@
+"""End to end: the service as docker-compose.yml runs it, started as plain processes on this
+machine with the very command lines of its services (migrate, api, workers, dashboard;
+hosts, ports and the database URL substituted). Keys and tokens come from the admin CLI,
+the job goes in over HTTP, and its trials are found through optuna-dashboard's HTTP API.
+
+The workers run with every package outside ``fitnas[worker]`` blocked (as in the worker
+image). The default run has one short job on PostgreSQL; the 40-trial runs on PostgreSQL
+and SQLite (4 workers) and the measurement-cache check are ``slow``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+from service_harness import (
+    Proc,
+    Stack,
+    clean_env,
+    free_port,
+    fresh_postgres_database,
+    localize,
+    run_cli,
+    service_command,
+    service_environment,
+    wait_http,
+)
+from svc_helpers import FAST_MEASURE, TINY_SPACE
+from test_worker_imports import worker_only_env
+
+PG_URL = os.environ.get("FITNAS_TEST_POSTGRES_URL")
+needs_pg = pytest.mark.skipif(not PG_URL, reason="FITNAS_TEST_POSTGRES_URL is not set")
+LOCKED = "database is locked"
+
+
+@dataclass
+class Service:
+    work: Path
+    stack: Stack
+    api_url: str
+    dashboard_url: str
+    database_url: str
+    optuna_url: str
+    key: str
+    worker_token: str
+    workers: list[Proc] = field(default_factory=list)
+    client_errors: list[str] = field(default_factory=list)
+    dashboard: Proc | None = None
+    dashboard_port: int = 0
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}
+
+    def request(self, method: str, path: str, **kw) -> httpx.Response:
+        """Every client call goes through here, so that any error a client saw (a lock
+        error above all) is on record."""
+        r = httpx.request(method, f"{self.api_url}{path}", headers=self.headers, timeout=60,
+                          **kw)
+        if r.status_code >= 400:
+            self.client_errors.append(f"{method} {path}: {r.status_code} {r.text[:300]}")
+        return r
+
+    def submit(self, body: dict) -> dict:
+        r = self.request("POST", "/v1/jobs", json=body)
+        assert r.status_code == 201, r.text
+        return r.json()
+
+    def wait_job(self, job_id: str, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        job: dict = {}
+        while time.monotonic() < deadline:
+            r = self.request("GET", f"/v1/jobs/{job_id}")
+            assert r.status_code == 200, r.text
+            job = r.json()
+            if job["status"] in ("completed", "failed", "cancelled") and job["finalized"]:
+                return job
+            dead = [w.name for w in self.workers if not w.alive()]
+            assert not dead, f"workers died: {dead}\n{self.stack.logs()}"
+            time.sleep(1.0)
+        raise AssertionError(f"job {job_id} not done after {timeout:.0f} s: "
+                             f"{job.get('status')} {job.get('progress')}\n{self.stack.logs()}")
+
+    def start_dashboard(self) -> None:
+        argv = localize(service_command("dashboard"), database_url=self.optuna_url,
+                        api_url=self.api_url, api_port=0, dashboard_port=self.dashboard_port)
+        self.dashboard = self.stack.start("dashboard", argv, clean_env())
+        wait_http(f"{self.dashboard_url}/api/studies", timeout=120, proc=self.dashboard)
+
+    def dashboard_trials(self, study_name: str) -> list[dict]:
+        """The study's trials as optuna-dashboard serves them (GET /api/studies, then
+        GET /api/studies/<id>)."""
+        studies = httpx.get(f"{self.dashboard_url}/api/studies", timeout=60).json()
+        ids = [s["study_id"] for s in studies["study_summaries"]
+               if s["study_name"] == study_name]
+        assert len(ids) == 1, (study_name, studies)
+        detail = httpx.get(f"{self.dashboard_url}/api/studies/{ids[0]}", timeout=60).json()
+        assert detail["name"] == study_name
+        assert detail["objective_names"] == ["quality", "latency_ms"]
+        return detail["trials"]
+
+    def all_logs(self) -> str:
+        return "\n".join(p.log() for p in self.stack.procs)
+
+
+def _compose_env(service: str, database_url: str, optuna_url: str, work: Path) -> dict:
+    """A compose service's environment for this machine: the compose database URL becomes
+    the test database, the export volume a local folder."""
+    env = service_environment(service)
+    out = {}
+    for k, v in env.items():
+        if k == "FITNAS_DATABASE_URL":
+            v = database_url
+        elif k == "FITNAS_OPTUNA_STORAGE_URL":
+            v = optuna_url
+        elif k == "FITNAS_EXPORT_DIR":
+            v = str(work / "exports")
+        out[k] = v
+    return out
+
+
+def start_service(work: Path, database_url: str, optuna_url: str, n_workers: int,
+                  target: str = "cpu") -> Service:
+    stack = Stack(work)
+    api_port, dash_port = free_port(), free_port()
+    api_url = f"http://127.0.0.1:{api_port}"
+
+    def local(name: str) -> list[str]:
+        return localize(service_command(name), database_url=database_url, api_url=api_url,
+                        api_port=api_port, dashboard_port=dash_port)
+
+    server_env = clean_env(_compose_env("api", database_url, optuna_url, work))
+    assert _compose_env("migrate", database_url, optuna_url, work) == \
+        _compose_env("api", database_url, optuna_url, work)
+
+    # migrate: the one-shot service
+    migrate = local("migrate")
+    assert migrate == ["fitnas", "db", "upgrade"]
+    proc = run_cli(migrate[1:], server_env, work)
+    assert proc.returncode == 0, proc.stderr
+    assert "upgraded from empty to" in proc.stdout, proc.stdout
+
+    # keys, as `docker compose exec api fitnas admin ...` makes them
+    proc = run_cli(["admin", "create-key", "--name", "e2e"], server_env, work)
+    assert proc.returncode == 0, proc.stderr
+    key = proc.stdout.strip()
+    proc = run_cli(["admin", "create-worker-token", "--target", target], server_env, work)
+    assert proc.returncode == 0, proc.stderr
+    token = proc.stdout.strip()
+    assert key.startswith("fnk_") and token.startswith("fnw_")
+
+    svc = Service(work, stack, api_url, f"http://127.0.0.1:{dash_port}", database_url,
+                  optuna_url, key, token, dashboard_port=dash_port)
+    api = stack.start("api", local("api"), server_env)
+    wait_http(f"{api_url}/readyz", timeout=120, proc=api)
+
+    worker_argv = local("worker-cpu")
+    assert worker_argv[:2] == ["fitnas", "worker"] and api_url in worker_argv
+    assert worker_argv[worker_argv.index("--target") + 1] == target
+    wenv = service_environment("worker-cpu")
+    assert set(wenv) == {"FITNAS_WORKER_TOKEN", "FITNAS_DATA_SOURCES"}
+    wenv["FITNAS_WORKER_TOKEN"] = token
+    base = worker_only_env(work / "worker-site", clean_env())
+    for i in range(n_workers):
+        svc.workers.append(stack.start(f"worker-{i + 1}", worker_argv, {**base, **wenv}))
+    return svc
+
+
+def job_body(trials: int, name: str, **over) -> dict:
+    body = {
+        "name": name,
+        "target": "cpu",
+        "space": TINY_SPACE,
+        "trials": trials,
+        "parallelism": 2,
+        "measure": {**FAST_MEASURE, "max_cv": 1.0},
+        "quality": {"signal": "synflow", "batch": 4},
+        "sampler": "tpe",
+        "seed": 7,
+        "budgets": {"max_params": 20_000},
+    }
+    body.update(over)
+    return body
+
+
+def check_job(svc: Service, job: dict, trials: int) -> dict:
+    """Every trial told exactly once, nothing left RUNNING; returns figures for the report."""
+    assert job["status"] == "completed", job
+    prog = job["progress"]
+    assert prog["finished"] == trials and prog["running"] == 0, prog
+    assert prog["tasks_queued"] == 0 and prog["tasks_leased"] == 0, prog
+
+    trials_seen = svc.dashboard_trials(job["study_name"])
+    states = [t["state"] for t in trials_seen]
+    numbers = sorted(t["number"] for t in trials_seen)
+    assert numbers == list(range(trials)), numbers  # each trial once, none extra
+    assert "Running" not in states and "Waiting" not in states, states
+    # measured or cached: Complete (or Fail); over a budget: Pruned, never measured
+    assert states.count("Pruned") == prog["over_budget"], (states, prog)
+    assert states.count("Complete") + states.count("Fail") == trials - prog["over_budget"]
+    for t in trials_seen:
+        if t["state"] == "Complete":
+            assert len(t["values"]) == 2
+        attrs = {a["key"]: a["value"] for a in t["user_attrs"]}
+        assert "spec_hash" in attrs and "params" in attrs
+
+    # the tasks behind them: each accepted once, each told once
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(svc.database_url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                text("SELECT trial_number, state, attempts_used, told_at FROM fitnas_tasks "
+                     "WHERE job_id = :j"), {"j": job["id"]},
+            ).mappings().all()
+    finally:
+        engine.dispose()
+    assert len({r["trial_number"] for r in rows}) == len(rows)
+    assert all(r["state"] == "done" and r["told_at"] is not None for r in rows), rows
+    # a task for every trial that went to a worker, none for cached / over-budget ones
+    assert len(rows) == prog["measured"] + prog["failed"], (len(rows), prog)
+
+    worker_logs = "\n".join(w.log() for w in svc.workers)
+    reported = len(re.findall(r"reported, (ok|failed)", worker_logs))
+    assert "duplicate" not in worker_logs and "lease lost" not in worker_logs
+    assert "Traceback" not in svc.all_logs()
+    return {"tasks": len(rows), "reported_total": reported,
+            "attempts_over_1": sum(1 for r in rows if r["attempts_used"] > 0),
+            "measured": prog["measured"], "cached": prog["cached"],
+            "over_budget": prog["over_budget"], "failed": prog["failed"],
+            "feasible": prog["feasible"]}
+
+
+def stop(svc: Service) -> dict[str, int]:
+    codes = {}
+    for w in svc.workers:
+        codes[w.name] = w.terminate(timeout=60)
+    svc.stack.stop_all()
+    return codes
+
+
+def _wait_workers_registered(svc: Service, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all("registered as" in w.log() for w in svc.workers):
+            return
+        assert all(w.alive() for w in svc.workers), svc.stack.logs()
+        time.sleep(0.2)
+    raise AssertionError(svc.stack.logs())
+
+
+@needs_pg
+def test_compose_stack_runs_a_short_job_on_postgres(tmp_path):
+    t0 = time.monotonic()
+    with fresh_postgres_database(PG_URL) as db_url:
+        svc = start_service(tmp_path, db_url, db_url, n_workers=2)
+        try:
+            _wait_workers_registered(svc)
+            job = svc.submit(job_body(4, "e2e short", parallelism=2))
+            assert job["status"] == "queued"
+            svc.start_dashboard()
+            job = svc.wait_job(job["id"], timeout=300)
+            figures = check_job(svc, job, 4)
+            assert figures["measured"] + figures["cached"] + figures["over_budget"] == 4
+            # both workers took part (parallelism 2) unless the cache answered
+            assert sum("reported, ok" in w.log() for w in svc.workers) >= 1
+
+            # the winner, as a client downloads it
+            r = svc.request("GET", f"/v1/jobs/{job['id']}/winner")
+            assert r.status_code == 200 and r.json()["final"] is True
+            if r.json()["trial"] is not None:
+                r = svc.request("GET", f"/v1/jobs/{job['id']}/export", params={"format": "json"})
+                assert r.status_code == 200
+                assert r.json()["stages"]
+        finally:
+            codes = stop(svc)
+        assert all(c == 0 for c in codes.values()), (codes, svc.stack.logs())
+        assert not svc.client_errors, svc.client_errors
+    print(f"\nshort e2e on PostgreSQL: {time.monotonic() - t0:.0f} s, {figures}")
+
+
+def _long_run(tmp_path: Path, database_url: str, optuna_url: str, n_workers: int,
+              trials: int = 40) -> dict:
+    svc = start_service(tmp_path, database_url, optuna_url, n_workers=n_workers)
+    out: dict = {}
+    try:
+        _wait_workers_registered(svc)
+        t0 = time.monotonic()
+        job1 = svc.submit(job_body(trials, "e2e first"))
+        svc.start_dashboard()
+        job1 = svc.wait_job(job1["id"], timeout=3000)
+        out["first_s"] = round(time.monotonic() - t0, 1)
+        out["first"] = check_job(svc, job1, trials)
+
+        # the identical job again: mostly answered by the measurement cache
+        t0 = time.monotonic()
+        job2 = svc.submit(job_body(trials, "e2e first"))
+        job2 = svc.wait_job(job2["id"], timeout=3000)
+        out["second_s"] = round(time.monotonic() - t0, 1)
+        out["second"] = check_job(svc, job2, trials)
+        p = job2["progress"]
+        evaluated = p["cached"] + p["measured"]
+        out["cache_fraction_of_evaluated"] = round(p["cached"] / max(1, evaluated), 3)
+        out["cache_fraction_of_trials"] = round(p["cached"] / trials, 3)
+        assert p["cached"] >= 0.8 * evaluated, p
+    finally:
+        codes = stop(svc)
+    assert all(c == 0 for c in codes.values()), codes
+    logs = svc.all_logs()
+    out["locked_in_logs"] = logs.count(LOCKED)
+    out["client_errors"] = len(svc.client_errors)
+    assert LOCKED not in logs
+    assert not any(LOCKED in e for e in svc.client_errors), svc.client_errors
+    assert not svc.client_errors, svc.client_errors
+    return out
+
+
+@pytest.mark.slow
+@needs_pg
+def test_forty_trials_two_workers_postgres(tmp_path):
+    with fresh_postgres_database(PG_URL) as db_url:
+        figures = _long_run(tmp_path, db_url, db_url, n_workers=2)
+    print(f"\n40 trials, 2 workers, PostgreSQL: {figures}")
+
+
+@pytest.mark.slow
+def test_forty_trials_four_workers_sqlite(tmp_path):
+    db_url = f"sqlite:///{tmp_path}/fitnas.db"
+    optuna_url = f"sqlite:///{tmp_path}/fitnas-optuna.db"
+    figures = _long_run(tmp_path, db_url, optuna_url, n_workers=4)
+    print(f"\n40 trials, 4 workers, SQLite: {figures}")
+
+
+def test_compose_commands_localize_without_leftovers():
+    """What the end-to-end tests run is compose's own command lines, with only hosts,
+    ports and the database URL changed."""
+    for name in ("migrate", "api", "worker-cpu", "dashboard"):
+        argv = service_command(name)
+        local = localize(argv, database_url="sqlite:///x.db", api_url="http://127.0.0.1:1",
+                         api_port=1, dashboard_port=2)
+        assert len(local) == len(argv)
+        changed = [(a, b) for a, b in zip(argv, local, strict=True) if a != b]
+        for a, _new in changed:
+            assert a in ("http://api:8000", "0.0.0.0", "8000", "8080") or "@postgres:" in a, a
+        text = " ".join(local)
+        assert "api:8000" not in text and "@postgres:" not in text and "0.0.0.0" not in text
