@@ -8,7 +8,7 @@ import sys
 
 import typer
 
-from service import cli_arch, cli_eval, cli_search, cli_server, cli_worker
+from service import cli_arch, cli_eval, cli_quality, cli_search, cli_server, cli_worker
 from service.cli_common import CLIError
 
 app = typer.Typer(
@@ -19,13 +19,33 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for module in (cli_arch, cli_eval, cli_search, cli_server, cli_worker):
+for module in (cli_arch, cli_eval, cli_quality, cli_search, cli_server, cli_worker):
     module.register(app)
 
 
-def main() -> None:
+def _usage_error_types() -> tuple[type[BaseException], ...]:
+    # typer ships its own copy of click; its exception classes sit behind BadParameter.
+    usage = typer.BadParameter.__mro__[1]
+    abort = getattr(sys.modules[usage.__module__], "Abort", KeyboardInterrupt)
+    return usage, abort
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: click's usage errors become one ``error: ...`` line (exit 2)."""
+    usage_error, abort = _usage_error_types()
     try:
-        app()
+        code = app(args=argv, standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
+    except usage_error as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            ctx = getattr(exc, "ctx", None)
+            typer.echo(ctx.get_help() if ctx is not None else str(exc))
+            sys.exit(0)
+        typer.echo(f"error: {exc.format_message()}", err=True)
+        sys.exit(2)
+    except abort:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
     except CLIError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
