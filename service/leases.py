@@ -142,9 +142,11 @@ def _stale_message(row: Task) -> str:
         return "task cancelled: its job was cancelled"
     if row.state == "queued":
         return "lease expired; the task was re-queued"
-    if row.state in ("done", "failed"):
-        return f"task already {row.state} under another lease"
-    return "lease token is not the task's current lease"
+    if row.state == "done":
+        return "task already done"
+    if row.state == "failed":
+        return "task failed for good (attempts exhausted)"
+    return "lease token is not the task's current lease (it expired and was leased again)"
 
 
 def heartbeat(db: Database, task_id: str, target: str, token: str, lease_timeout_s: float):

@@ -300,9 +300,13 @@ class Scheduler:
             self._mark_cancelled_told(job_id)
             self._finalize(job, driver, tick)
             return tick
+        if tick.stale_failed:
+            trials = driver.trials()
 
-        self._fill(job, driver, tick)
-        self._update_progress(job, driver, tick)
+        self._fill(job, driver, tick, trials)
+        if tick.asked:
+            trials = driver.trials()
+        self._update_progress(job, driver, tick, trials)
         return tick
 
     def _owned_trials(self, job_id: str) -> set[int]:
@@ -363,12 +367,11 @@ class Scheduler:
 
         self.db.run(op)
 
-    def _fill(self, job: Job, driver, tick: JobTick) -> None:
+    def _fill(self, job: Job, driver, tick: JobTick, trials: list) -> None:
         from optuna.trial import TrialState
 
         from search.study import SearchError
 
-        trials = driver.trials()
         finished = sum(1 for t in trials if driver.counts_as_finished(t))
         running = sum(1 for t in trials if t.state == TrialState.RUNNING)
         total = finished + running
@@ -436,10 +439,9 @@ class Scheduler:
 
         self.db.run(op)
 
-    def _update_progress(self, job: Job, driver, tick: JobTick) -> None:
+    def _update_progress(self, job: Job, driver, tick: JobTick, trials: list) -> None:
         from optuna.trial import TrialState
 
-        trials = driver.trials()
         counts: dict[str, int] = {}
         finished = 0
         for t in trials:
