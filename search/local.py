@@ -145,7 +145,7 @@ class _Progress:
 
     def log(self, text: str) -> None:
         if self.bar is not None:
-            self.bar.console.print(text, highlight=False)
+            self.bar.console.print(text, highlight=False, soft_wrap=True)
 
     def update(self, done: int, best: str) -> None:
         if self.bar is not None:

@@ -187,3 +187,32 @@ def test_dashboard_refuses_a_missing_database(tmp_path):
                                       f"sqlite:///{tmp_path}/none.db"])
     assert result.exit_code == 2
     assert "no search database" in result.stderr
+
+
+@pytest.mark.slow
+def test_done_when_default_space_30_trials_under_15_minutes(tmp_path):
+    """The acceptance run: the default space, 30 trials, synflow, budget = MobileNetV2-0.5's
+    median latency at 224 measured on this machine just before, under 15 minutes."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    measure = subprocess.run(
+        [sys.executable, "-m", "service.cli", "measure", "preset:mobilenet_v2@0.5", "--json"],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert measure.returncode == 0, measure.stderr
+    budget = json.loads(measure.stdout)["latency_ms"]["median"]
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "service.cli", "search", "--space", "default", "--target", "cpu",
+         "--max-latency-ms", f"{budget:.3f}", "--trials", "30", "--signal", "synflow",
+         "--out", str(tmp_path / "out"), "--json"],
+        env=env, capture_output=True, text=True, timeout=1800)
+    wall = time.monotonic() - t0
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert wall < 15 * 60, f"took {wall:.0f} s"
+    assert result["counts"]["trials"] == 30
+    assert result["pareto"], "no feasible architecture"
+    for member in result["pareto"]:
+        assert member["feasible"] and member["latency_ms"] <= float(f"{budget:.3f}")
+        assert all(v <= 0 for v in member["constraints"].values())
+    for fmt in ("json", "pytorch", "torchscript", "onnx"):
+        assert Path(result["exports"][fmt]).is_file()

@@ -260,6 +260,20 @@ def test_fail_stale_and_resume_counting(url):
     assert p.trial_number not in mine.stale_local_trials()
 
 
+def test_owner_liveness():
+    from search.study import owner_alive, process_owner
+
+    me = process_owner()
+    host = me.split(":")[0]
+    assert owner_alive(me)
+    assert not owner_alive(f"{host}:999999999:0")  # no such process
+    assert not owner_alive(None) and not owner_alive("garbage")
+    # a reused pid with another start time is not the owner
+    pid, started = me.split(":")[1:]
+    assert not owner_alive(f"{host}:{pid}:{int(started) - 1000}")
+    assert owner_alive("another-host:1:0")  # other hosts: cannot tell, assumed alive
+
+
 def _this_owner():
     from search.study import process_owner
 
