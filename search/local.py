@@ -222,6 +222,21 @@ def measure_references(config: SearchConfig, presets: tuple[str, ...] | list[str
     return out
 
 
+def _evaluate_safely(evaluate: Evaluator, task: EvalTask) -> EvalOutcome:
+    """The runner never raises for a model's failure; should it raise anyway, the trial
+    fails with the reason instead of staying RUNNING and the search goes on."""
+    t0 = time.perf_counter()
+    try:
+        return evaluate(task)
+    except Exception as exc:
+        from search.evaluators.types import Failure
+
+        text = str(exc).strip().splitlines()
+        message = f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+        return EvalOutcome(ok=False, failure=Failure(reason="crashed", message=message),
+                           seconds=time.perf_counter() - t0)
+
+
 def run_search(config: SearchConfig, storage: str, study_name: str, out_dir: str | Path,
                progress: bool = True, *, presets: tuple[str, ...] | list[str] = DEFAULT_PRESETS,
                evaluate: Evaluator | None = None, data_sources: dict[str, str] | None = None,
@@ -261,7 +276,7 @@ def run_search(config: SearchConfig, storage: str, study_name: str, out_dir: str
                 while driver.n_finished() < config.trials:
                     proposal = driver.ask()
                     if proposal.task is not None:
-                        outcome = evaluate(proposal.task)
+                        outcome = _evaluate_safely(evaluate, proposal.task)
                         driver.tell(proposal.trial_number, outcome)
                     bar.log(_trial_line(driver, proposal.trial_number))
                     bar.update(driver.n_finished(), _best_text(driver))
