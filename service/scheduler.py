@@ -42,7 +42,7 @@ from service.cache import DBMeasurementCache
 from service.db import Database, utcnow
 from service.leases import Reaped, live_workers, reap_expired
 from service.models import Job, Task
-from service.studies import get_storage, is_feasible, trial_view
+from service.studies import get_storage, is_feasible, load_study, trial_view
 
 log = logging.getLogger("fitnas.scheduler")
 
@@ -189,13 +189,14 @@ class Scheduler:
         except Exception as exc:  # the lock expires by itself
             log.warning("could not release the lock of job %s: %s", job_id, exc)
 
-    def _renew(self, s: Session, job_id: str) -> None:
+    def _renew(self, s: Session, job_id: str, *, running: bool = False) -> None:
+        """Extend our lock (in the caller's transaction); LockLost if it is not ours any
+        more, or, with ``running``, if the job stopped running (cancelled meanwhile)."""
         expires = utcnow() + timedelta(seconds=self.settings.scheduler_lock_s)
-        rc = s.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.lock_owner == self.owner)
-            .values(lock_expires_at=expires)
-        ).rowcount
+        cond = [Job.id == job_id, Job.lock_owner == self.owner]
+        if running:
+            cond.append(Job.status == "running")
+        rc = s.execute(update(Job).where(*cond).values(lock_expires_at=expires)).rowcount
         if rc != 1:
             raise LockLost(job_id)
 
@@ -260,8 +261,13 @@ class Scheduler:
         job = self.db.run(lambda s: s.get(Job, job_id), write=False)
         if job is None:
             return tick
-        if job.status == "cancelled" and job.started_at is None:
+        if (
+            job.status == "cancelled"
+            and job.started_at is None
+            and load_study(self.optuna_url, job.study_name) is None
+        ):
             # cancelled before its study was ever opened: nothing to tell
+            self._mark_cancelled_told(job_id)
             self._finalize(job, None, tick)
             return tick
         driver = self._driver(job)
@@ -355,9 +361,12 @@ class Scheduler:
         return len(told_ids)
 
     def _mark_cancelled_told(self, job_id: str) -> None:
+        from service.leases import cancel_job_tasks
+
         now = utcnow()
 
         def op(s: Session) -> None:
+            cancel_job_tasks(s, job_id)  # anything queued after the cancel
             s.execute(
                 update(Task)
                 .where(Task.job_id == job_id, Task.told_at.is_(None),
@@ -434,13 +443,18 @@ class Scheduler:
         )
 
         def op(s: Session) -> None:
-            self._renew(s, job.id)
+            # only while the lock is ours and the job still runs: a job cancelled during
+            # this tick gets no new task (the next tick finalizes it)
+            self._renew(s, job.id, running=True)
             s.add(row)
 
         self.db.run(op)
 
-    def _update_progress(self, job: Job, driver, tick: JobTick, trials: list) -> None:
+    def _progress(self, job: Job, driver, trials: list) -> tuple[dict[str, int], Any, int]:
+        """(progress figures, best feasible trial or None, tasks in flight)."""
         from optuna.trial import TrialState
+
+        from service.leases import task_counts
 
         counts: dict[str, int] = {}
         finished = 0
@@ -457,13 +471,7 @@ class Scheduler:
             if feasible
             else None
         )
-
-        def read(s: Session) -> dict[str, int]:
-            from service.leases import task_counts
-
-            return task_counts(s, job_id=job.id)
-
-        tasks = self.db.run(read, write=False)
+        tasks = self.db.run(lambda s: task_counts(s, job_id=job.id), write=False)
         inflight = tasks.get("queued", 0) + tasks.get("leased", 0)
         progress = {
             "trials": job.trials,
@@ -478,6 +486,11 @@ class Scheduler:
             "tasks_queued": tasks.get("queued", 0),
             "tasks_leased": tasks.get("leased", 0),
         }
+        return progress, best, inflight
+
+    def _update_progress(self, job: Job, driver, tick: JobTick, trials: list) -> None:
+        progress, best, inflight = self._progress(job, driver, trials)
+        finished = progress["finished"]
         best_view = summarize(best) if best is not None else None
         done = finished >= job.trials and progress["running"] == 0 and inflight == 0
         if done:
@@ -507,15 +520,11 @@ class Scheduler:
             pareto = [summarize(t) for t in driver.pareto()]
             rec = driver.recommend()
             winner = summarize(rec) if rec is not None else None
-            b = driver.best_feasible()
-            best = summarize(b) if b is not None else None
             if progress is None:
-                progress = dict(job.progress or {})
-                trials = driver.trials()
-                progress["finished"] = sum(1 for t in trials if driver.counts_as_finished(t))
-                progress["running"] = 0
-                progress["tasks_queued"] = 0
-                progress["tasks_leased"] = 0
+                progress, b, _ = self._progress(job, driver, driver.trials())
+            else:
+                b = driver.best_feasible()
+            best = summarize(b) if b is not None else None
         now = utcnow()
         status = "cancelled" if job.status == "cancelled" else "completed"
 

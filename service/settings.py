@@ -69,6 +69,11 @@ class Settings(BaseSettings):
                 f"FITNAS_HEARTBEAT_INTERVAL_S ({self.heartbeat_interval_s}) must be shorter "
                 f"than FITNAS_LEASE_TIMEOUT_S ({self.lease_timeout_s})"
             )
+        if self.worker_timeout_s <= self.heartbeat_interval_s:
+            raise ValueError(
+                f"FITNAS_WORKER_TIMEOUT_S ({self.worker_timeout_s}) must be longer than "
+                f"FITNAS_HEARTBEAT_INTERVAL_S ({self.heartbeat_interval_s})"
+            )
         return self
 
     @property

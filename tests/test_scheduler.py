@@ -407,3 +407,42 @@ def test_a_real_measurement_flows_through(client, app, settings, user_key,
         select(func.count()).select_from(Task).where(Task.job_id == job["id"])).scalar_one(),
         write=False)
     assert n == 1
+
+
+def test_cancel_during_a_tick_leaves_nothing_queued(client, app, settings, user_key,
+                                                    make_worker_token):
+    from optuna.trial import TrialState
+
+    _, h = user_key
+    target, wh = make_worker_token()
+    workers = [HttpWorker(client, wh, target, name=f"w{i}") for i in range(2)]
+    for w in workers:
+        w.register()
+    job = client.post("/v1/jobs", headers=h,
+                      json=job_body(target, trials=6, parallelism=2)).json()
+    sched = app.state.scheduler
+    sched.tick()
+    driver = sched._drivers[job["id"]]
+    real_ask = driver.ask
+
+    def ask_then_cancel():
+        proposal = real_ask()
+        assert client.post(f"/v1/jobs/{job['id']}/cancel", headers=h).status_code == 200
+        return proposal
+
+    driver.ask = ask_then_cancel
+    lease = workers[0].lease()
+    assert workers[0].result(lease).json()["accepted"]
+    rep = sched.tick()  # tells the result, asks once, the job is cancelled meanwhile
+    assert job["id"] in rep.skipped_locked  # the new task was refused
+    sched.tick()
+    got = _get(client, h, job["id"])
+    assert got["status"] == "cancelled" and got["finalized"]
+    assert got["progress"]["measured"] == 1
+    states = {t.state for t in _tasks(app, job["id"])}
+    assert states <= {"done", "cancelled"}
+    assert all(t.told_at is not None for t in _tasks(app, job["id"]))
+    study = _study(settings, job)
+    assert not [t for t in study.trials if t.state == TrialState.RUNNING]
+    text = client.get("/metrics").text
+    assert _metric(text, "fitnas_queue_depth", target=target) == 0
