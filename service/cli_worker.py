@@ -6,7 +6,6 @@ stack, the database layer or Optuna.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import typer
@@ -46,8 +45,8 @@ def register(app: typer.Typer) -> None:
         data_sources: Path | None = typer.Option(
             None, "--data-sources",
             help='JSON file {"name": "path"} naming this worker\'s data sets (ImageFolder '
-            "directories or .npz files) for the 'train' signal. Default: the "
-            "FITNAS_DATA_SOURCES environment variable (inline JSON or a file path).",
+            "directories or .npz files) for the 'train' signal. Default: the environment, "
+            "FITNAS_DATA_SOURCES_FILE (such a file) and FITNAS_DATA_SOURCES (inline JSON).",
         ),
         grace: float = typer.Option(
             30.0, "--grace", min=0.0,
@@ -83,9 +82,7 @@ def register(app: typer.Typer) -> None:
         )
 
         try:
-            sources = load_data_sources(
-                data_sources, None if data_sources else os.environ.get("FITNAS_DATA_SOURCES")
-            )
+            sources = load_data_sources(data_sources)
             config = WorkerConfig(
                 server=server,
                 target=target,

@@ -27,7 +27,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ RUNTIMES = ("eager", "torchscript", "onnxruntime")
 DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 TOKEN_ENV = "FITNAS_WORKER_TOKEN"
 DATA_SOURCES_ENV = "FITNAS_DATA_SOURCES"
+DATA_SOURCES_FILE_ENV = "FITNAS_DATA_SOURCES_FILE"
 BUILTIN_DATA = ("digits",)
 # Transient server answers: retried with backoff like a refused connection.
 _RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
@@ -233,7 +234,11 @@ class ApiClient:
 
 class LeaseKeeper(threading.Thread):
     """Heartbeats one task's lease every ``interval_s`` until stopped. A 409 sets
-    ``lost``; an unreachable API is retried sooner (the lease may still be alive)."""
+    ``lost``; an unreachable API is retried sooner (the lease may still be alive).
+
+    Reports on the same lease go through :meth:`exclusive`, so that a heartbeat never
+    races the final report (a heartbeat answered after the result was accepted would
+    read as a lost lease)."""
 
     def __init__(
         self,
@@ -251,13 +256,27 @@ class LeaseKeeper(threading.Thread):
         self.errors = 0
         self.last_ok = time.monotonic()
         self._stop_event = threading.Event()
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        """Hold off heartbeats while the caller reports on this lease."""
+        with self._lock:
+            yield
+
+    def finish(self) -> None:
+        """The lease is over (reported, released or lost): no more heartbeats."""
+        self._stop_event.set()
 
     def run(self) -> None:
         backoff = Backoff(base=min(0.5, self.interval_s / 4), cap=max(0.05, self.interval_s / 2))
         delay = self.interval_s
         while not self._stop_event.wait(delay):
             try:
-                self.api.heartbeat(self.task_id, self.lease_token)
+                with self._lock:
+                    if self._stop_event.is_set():
+                        return
+                    self.api.heartbeat(self.task_id, self.lease_token)
             except LeaseLost as exc:
                 log.warning("task %s: lease lost (%s); dropping it", self.task_id, exc)
                 self.lost.set()
@@ -290,30 +309,7 @@ class LeaseKeeper(threading.Thread):
 # --------------------------------------------------------------------------- configuration
 
 
-def load_data_sources(path: str | os.PathLike | None = None,
-                      env_value: str | None = None) -> dict[str, str]:
-    """The worker's own data sources for the ``train`` signal: a JSON object mapping data
-    names to ImageFolder directories or ``.npz`` files. From ``path`` (the
-    ``--data-sources`` file) or else ``env_value`` (``FITNAS_DATA_SOURCES``: inline JSON
-    or a path to such a file). Relative paths are taken relative to the file."""
-    text: str | None = None
-    base = Path.cwd()
-    where = ""
-    if path is not None:
-        p = Path(path)
-        where = str(p)
-        try:
-            text = p.read_text()
-        except OSError as exc:
-            raise WorkerError(f"cannot read data sources file {p}: {exc.strerror or exc}") from exc
-        base = p.resolve().parent
-    elif env_value and env_value.strip():
-        if env_value.strip().startswith("{"):
-            text, where = env_value, DATA_SOURCES_ENV
-        else:
-            return load_data_sources(env_value.strip())
-    if text is None:
-        return {}
+def _parse_data_sources(text: str, where: str, base: Path) -> dict[str, str]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -338,6 +334,39 @@ def load_data_sources(path: str | os.PathLike | None = None,
                 f"{where}: data source {name!r}: {p} is neither a directory nor a .npz file"
             )
         out[name] = str(p)
+    return out
+
+
+def _data_sources_file(path: str | os.PathLike) -> dict[str, str]:
+    p = Path(path).expanduser()
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise WorkerError(f"cannot read data sources file {p}: {exc.strerror or exc}") from exc
+    return _parse_data_sources(text, str(p), p.resolve().parent)
+
+
+def load_data_sources(path: str | os.PathLike | None = None,
+                      environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The worker's own data sources for the ``train`` signal: names mapped to ImageFolder
+    directories or ``.npz`` files. Never taken from a task: a job only names a data set.
+
+    ``path`` (``--data-sources FILE``, a JSON object ``{"name": "path"}``) wins outright.
+    Otherwise the environment: ``FITNAS_DATA_SOURCES_FILE`` (such a file) and
+    ``FITNAS_DATA_SOURCES`` (inline JSON, or a file path), the latter winning on equal
+    names. Relative paths in a file are relative to that file. Every path must exist."""
+    if path is not None:
+        return _data_sources_file(path)
+    env = os.environ if environ is None else environ
+    out: dict[str, str] = {}
+    file_value = (env.get(DATA_SOURCES_FILE_ENV) or "").strip()
+    if file_value:
+        out.update(_data_sources_file(file_value))
+    raw = (env.get(DATA_SOURCES_ENV) or "").strip()
+    if raw.startswith("{"):
+        out.update(_parse_data_sources(raw, DATA_SOURCES_ENV, Path.cwd()))
+    elif raw:
+        out.update(_data_sources_file(raw))
     return out
 
 
@@ -731,9 +760,10 @@ class Worker:
             exc = ev.error
             msg = f"{type(exc).__name__}: {exc}" if exc else "the evaluator returned nothing"
             log.error("task %s: evaluator error: %s", task_id, msg)
+            keeper.stop()
             self._fail(task_id, token, "crashed", f"worker-side error: {msg}")
             return
-        self._submit(task_id, token, ev.outcome, lost, deadline)
+        self._submit(task_id, token, ev.outcome, keeper, lost, deadline)
 
     def _abort(self, ev: _Evaluation, before: set[int]) -> None:
         n = _kill_new_children(before)
@@ -742,8 +772,8 @@ class Worker:
             log.info("stopped %d evaluation process(es)", n)
 
     def _submit(
-        self, task_id: str, token: str, outcome: EvalOutcome, lost: threading.Event,
-        deadline: float | None,
+        self, task_id: str, token: str, outcome: EvalOutcome, keeper: LeaseKeeper,
+        lost: threading.Event, deadline: float | None,
     ) -> None:
         """Report the outcome, retrying while the API is unreachable (the lease keeper
         keeps the lease alive meanwhile). Gives up only when the lease is lost or, while
@@ -756,7 +786,15 @@ class Worker:
                 log.warning("task %s: lease lost before the result got through", task_id)
                 return
             try:
-                answer = self.api.result(task_id, token, outcome)
+                with keeper.exclusive():
+                    if lost.is_set():
+                        continue
+                    try:
+                        answer = self.api.result(task_id, token, outcome)
+                    except (LeaseLost, ProtocolError):
+                        keeper.finish()
+                        raise
+                    keeper.finish()
             except LeaseLost as exc:
                 self.stats.lost += 1
                 log.warning("task %s: result refused, lease lost (%s)", task_id, exc)

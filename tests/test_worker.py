@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from service_harness import Proc, Stack, clean_env, free_port, wait_http
 from svc_helpers import FAST_MEASURE, job_body
@@ -100,13 +101,19 @@ def test_data_sources_from_file_env_and_errors(tmp_path, monkeypatch):
     f.write_text(json.dumps({"mine": "imgs", "arr": str(tmp_path / "arr.npz")}))
     got = load_data_sources(f)
     assert got == {"mine": str(tmp_path / "imgs"), "arr": str(tmp_path / "arr.npz")}
-    # env: inline JSON, or a path to a file
+    # the environment: a file, inline JSON (wins on equal names), or a path in the latter
     monkeypatch.chdir(tmp_path)
-    assert load_data_sources(None, '{"mine": "imgs"}') == {"mine": str(tmp_path / "imgs")}
-    assert load_data_sources(None, str(f)) == got
-    assert load_data_sources(None, None) == {}
-    # the file wins over the env
-    assert load_data_sources(f, '{"x": "nope"}') == got
+    assert load_data_sources(None, {"FITNAS_DATA_SOURCES": '{"mine": "imgs"}'}) == {
+        "mine": str(tmp_path / "imgs")}
+    assert load_data_sources(None, {"FITNAS_DATA_SOURCES": str(f)}) == got
+    assert load_data_sources(None, {"FITNAS_DATA_SOURCES_FILE": str(f)}) == got
+    both = load_data_sources(None, {"FITNAS_DATA_SOURCES_FILE": str(f),
+                                    "FITNAS_DATA_SOURCES": '{"arr": "imgs"}'})
+    assert both == {"mine": str(tmp_path / "imgs"), "arr": str(tmp_path / "imgs")}
+    assert load_data_sources(None, {}) == {}
+    assert load_data_sources(None, {"FITNAS_DATA_SOURCES": "  "}) == {}
+    # --data-sources wins over the environment
+    assert load_data_sources(f, {"FITNAS_DATA_SOURCES": '{"x": "nope"}'}) == got
     bad = [
         ({"mine": "missing"}, "does not exist"),
         ({"digits": "imgs"}, "built in"),
@@ -121,6 +128,8 @@ def test_data_sources_from_file_env_and_errors(tmp_path, monkeypatch):
     f.write_text("{nope")
     with pytest.raises(WorkerError, match="not valid JSON"):
         load_data_sources(f)
+    with pytest.raises(WorkerError, match="FITNAS_DATA_SOURCES: data sources are not valid"):
+        load_data_sources(None, {"FITNAS_DATA_SOURCES": "{nope"})
     with pytest.raises(WorkerError, match="cannot read"):
         load_data_sources(tmp_path / "absent.json")
 
@@ -175,10 +184,10 @@ class Api:
                 "--poll-wait", "1", "--backoff-cap", "2", "--log-level", "debug", *extra]
         return self.stack.start(name, argv, clean_env({"FITNAS_WORKER_TOKEN": token}))
 
-    def submit(self, target: str, trials: int, **measure) -> str:
+    def submit(self, target: str, trials: int, quality: dict | None = None, **measure) -> str:
         body = job_body(target, trials=trials, parallelism=1,
                         measure={**FAST_MEASURE, "max_cv": 1.0, **measure},
-                        quality={"signal": "none"})
+                        quality=quality or {"signal": "none"})
         r = httpx.post(f"{self.url}/v1/jobs", json=body, headers=self.headers, timeout=30)
         assert r.status_code == 201, r.text
         return r.json()["id"]
@@ -208,7 +217,7 @@ class Api:
         try:
             with engine.connect() as conn:
                 rows = conn.execute(
-                    text("SELECT trial_number, state, attempts_used, told_at "
+                    text("SELECT trial_number, state, attempts_used, told_at, outcome "
                          "FROM fitnas_tasks WHERE job_id = :j ORDER BY trial_number"),
                     {"j": job_id},
                 ).mappings().all()
@@ -261,8 +270,15 @@ def api(tmp_path_factory):
     ctx = Api(url, db_url, {"Authorization": f"Bearer {key}"}, stack, work, None,  # type: ignore[arg-type]
               early_target, early_token)
     try:
-        # A worker started BEFORE the API: it must wait with backoff, then connect.
-        ctx.early_worker = ctx.worker("worker-early", early_target, early_token)
+        # A worker started BEFORE the API: it must wait with backoff, then connect. It has
+        # a data set of its own for the 'train' signal.
+        rng = np.random.default_rng(0)
+        x = rng.random((48, 8, 8), dtype=np.float32)
+        y = (x.mean(axis=(1, 2)) > 0.5).astype(np.int64)
+        np.savez(work / "blobs.npz", x=x, y=y)
+        (work / "sources.json").write_text(json.dumps({"blobs": "blobs.npz"}))
+        ctx.early_worker = ctx.worker("worker-early", early_target, early_token,
+                                      "--data-sources", str(work / "sources.json"))
         wait_log(ctx.early_worker, r"unavailable .* retrying in", count=3, timeout=120)
         env = clean_env({
             "FITNAS_DATABASE_URL": db_url,
@@ -290,14 +306,23 @@ def test_worker_started_before_the_api_backs_off_then_heartbeats_and_reports(api
     assert delays[2] > delays[0]  # grows: 0.25-0.5, 0.5-1, 1-2 s
 
     # two tasks whose evaluation outlives the lease timeout several times over: only
-    # heartbeats keep them
-    job_id = api.submit(api.early_target, trials=2, rounds=3, min_run_time_s=1.0)
+    # heartbeats keep them. Quality: a short training on a data set that the job only
+    # names; the worker's own configuration says where it is.
+    job_id = api.submit(api.early_target, trials=2, rounds=3, min_run_time_s=1.0,
+                        quality={"signal": "train", "data": "blobs", "steps": 3, "batch": 8,
+                                 "resolution": 16})
     job = api.wait_job(job_id)
     assert job["status"] == "completed", job
     assert job["progress"]["finished"] == 2 and job["progress"]["measured"] == 2
     tasks = api.tasks(job_id)
     assert [t["state"] for t in tasks] == ["done", "done"]
     assert [t["attempts_used"] for t in tasks] == [0, 0]  # no lease ever expired
+    for t in tasks:
+        outcome = t["outcome"] if isinstance(t["outcome"], dict) else json.loads(t["outcome"])
+        q = outcome["quality"]
+        assert q["signal"] == "train" and q["details"]["data"] == "blobs"
+        assert q["details"]["source"] == str(api.workdir / "blobs.npz")
+        assert q["details"]["n_train"] + q["details"]["n_val"] == 48
     log = early.log()
     evals = [float(s) for s in re.findall(r"evaluated in ([0-9.]+) s", log)]
     assert len(evals) == 2 and min(evals) > LEASE_TIMEOUT_S
