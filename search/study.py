@@ -28,7 +28,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from blocks.cost import CostReport, estimate_cost
 from blocks.spec import ArchSpec
@@ -38,7 +38,7 @@ from search.evaluators.types import (
     MeasureSettings,
     QualitySettings,
 )
-from search.space import DesignSpace, spec_summary
+from search.space import BUILTIN_SPACES, DesignSpace, spec_summary
 
 DIRECTIONS = ["maximize", "minimize"]
 METRIC_NAMES = ["quality", "latency_ms"]
@@ -106,6 +106,18 @@ class SearchConfig(_Model):
                                         "default 20")
     timeout_s: float = Field(300.0, gt=0, le=24 * 3600, description="per evaluation")
     memory_mb: int = Field(4096, ge=64, le=1_048_576, description="per evaluation")
+
+    @field_validator("space", mode="before")
+    @classmethod
+    def _builtin_space(cls, v: Any) -> Any:
+        """A built-in space may be given by name ("default", "mobilenet_v2"); never a
+        path (a configuration may come from a client of the service)."""
+        if isinstance(v, str):
+            if v not in BUILTIN_SPACES:
+                raise ValueError(f"unknown built-in space {v!r}; known: "
+                                 f"{', '.join(BUILTIN_SPACES)} (or give the space itself)")
+            return DesignSpace.load(v)
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> SearchConfig:

@@ -323,3 +323,12 @@ def test_relative_budget_needs_a_reference():
     with pytest.raises(ValueError, match="reference"):
         tiny_config(budgets=Budgets(max_latency_ratio=1.0),
                     measure=MeasureSettings(reference=None))
+
+
+def test_config_takes_a_builtin_space_by_name_but_never_a_path(tmp_path):
+    config = SearchConfig(space="mobilenet_v2", budgets=Budgets(max_latency_ms=10))
+    assert config.space == DesignSpace.load("mobilenet_v2")
+    assert SearchConfig.model_validate_json(config.model_dump_json()) == config
+    (tmp_path / "s.yaml").write_text("name: x")
+    with pytest.raises(ValueError, match="unknown built-in space"):
+        SearchConfig(space=str(tmp_path / "s.yaml"))
