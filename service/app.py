@@ -36,6 +36,7 @@ Hardware-aware neural architecture search for efficient CNNs.
 
 def create_app(settings: Settings | None = None, *, db: Database | None = None) -> FastAPI:
     settings = settings or get_settings()
+    _configure_logging()
     _quiet_optuna()
     db = db or Database.from_settings(settings)
     metrics = Metrics(db, settings.worker_timeout_s)
@@ -123,6 +124,19 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None) 
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     return app
+
+
+def _configure_logging() -> None:
+    """Job, lease and scheduler events at INFO on stderr, unless the host application
+    (or a test runner) configured logging already."""
+    root = logging.getLogger()
+    fitnas = logging.getLogger("fitnas")
+    if root.handlers or fitnas.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    fitnas.addHandler(handler)
+    fitnas.setLevel(logging.INFO)
 
 
 def _quiet_optuna() -> None:

@@ -88,13 +88,6 @@ def db_url(request, tmp_path_factory) -> Iterator[str]:
     yield from _fresh_db(request.param, tmp_path_factory)
 
 
-@pytest.fixture
-def fresh_db_url(request, tmp_path_factory) -> Iterator[str]:
-    """A fresh database for one test, same backend as ``db_url``'s parameter."""
-    kind = request.node.callspec.params.get("db_url", "sqlite")
-    yield from _fresh_db(kind, tmp_path_factory)
-
-
 @pytest.fixture(scope="module")
 def migrated_url(db_url) -> str:
     import migrations
