@@ -16,6 +16,15 @@ config = context.config
 target_metadata = Base.metadata
 
 
+def _url() -> str:
+    url = config.get_main_option("sqlalchemy.url")
+    if url:
+        return url
+    from service.settings import get_settings  # the plain `alembic -c ...` case
+
+    return get_settings().database_url
+
+
 def include_name(name, type_, parent_names) -> bool:
     if type_ == "table":
         return bool(name) and name.startswith(PREFIX) and name != VERSION_TABLE
@@ -51,7 +60,7 @@ def _configure(connection) -> None:
 
 def run_migrations_offline() -> None:
     context.configure(
-        url=config.get_main_option("sqlalchemy.url"),
+        url=_url(),
         target_metadata=target_metadata,
         version_table=VERSION_TABLE,
         include_name=include_name,
@@ -70,7 +79,7 @@ def run_migrations_online() -> None:
         with context.begin_transaction():
             context.run_migrations()
         return
-    engine = create_engine(config.get_main_option("sqlalchemy.url"), poolclass=pool.NullPool)
+    engine = create_engine(_url(), poolclass=pool.NullPool)
     try:
         with engine.connect() as conn:
             _configure(conn)
