@@ -34,6 +34,7 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import or_, select, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from search.evaluators.types import EvalOutcome, Failure
@@ -51,6 +52,10 @@ MAX_CONSECUTIVE_ERRORS = 5
 
 class LockLost(RuntimeError):
     """Another replica holds this job's scheduling lock now."""
+
+
+class StorageUnavailable(RuntimeError):
+    """The Optuna storage cannot be opened (counts as a transient error)."""
 
 
 @dataclass
@@ -207,7 +212,9 @@ class Scheduler:
             self.metrics.scheduler_errors.inc()
         n = self._errors.get(job_id, 0) + 1
         self._errors[job_id] = n
-        fatal = isinstance(exc, SearchError) or n >= MAX_CONSECUTIVE_ERRORS
+        # a database or storage outage is the server's trouble, never the job's
+        infra = isinstance(exc, DBAPIError | StorageUnavailable)
+        fatal = isinstance(exc, SearchError) or (not infra and n >= MAX_CONSECUTIVE_ERRORS)
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         log.error("job %s: %s (%d in a row)%s", job_id, msg, n, "; failing the job" if fatal
                   else "", exc_info=not isinstance(exc, SearchError))
@@ -243,11 +250,17 @@ class Scheduler:
 
         driver = self._drivers.get(job.id)
         if driver is None:
+            from search.study import SearchError
+
             config = SearchConfig.model_validate(job.config)
             cache = DBMeasurementCache(self.db, target=job.target, job_id=job.id)
+            try:
+                storage = get_storage(self.optuna_url)
+            except SearchError as exc:
+                # the storage is unreachable: a server problem, not the job's; retried
+                raise StorageUnavailable(str(exc)) from exc
             driver = SearchDriver.open(
-                get_storage(self.optuna_url), job.study_name, config, cache,
-                mode="service", owner=self.owner,
+                storage, job.study_name, config, cache, mode="service", owner=self.owner,
             )
             self._drivers[job.id] = driver
         return driver

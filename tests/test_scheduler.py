@@ -446,3 +446,24 @@ def test_cancel_during_a_tick_leaves_nothing_queued(client, app, settings, user_
     assert not [t for t in study.trials if t.state == TrialState.RUNNING]
     text = client.get("/metrics").text
     assert _metric(text, "fitnas_queue_depth", target=target) == 0
+
+
+def test_a_job_the_driver_cannot_open_fails_with_its_reason(client, app, settings, user_key,
+                                                           make_worker_token):
+    import optuna
+
+    from service.studies import get_storage
+
+    _, h = user_key
+    target, _ = make_worker_token()
+    job = client.post("/v1/jobs", headers=h, json=job_body(target, trials=2)).json()
+    # someone else's study already holds the job's study name
+    squatter = optuna.create_study(storage=get_storage(settings.optuna_url),
+                                   study_name=job["study_name"])
+    squatter.tell(squatter.ask(), 1.0)
+    rep = app.state.scheduler.tick()
+    assert job["id"] in rep.errors
+    got = _get(client, h, job["id"])
+    assert got["status"] == "failed" and "not made by fitnas" in got["error"]
+    assert _tasks(app, job["id"]) == []
+    assert job["id"] not in app.state.scheduler._candidates()
