@@ -129,3 +129,39 @@ def test_four_workers_two_jobs_no_errors(make_settings, app):
     assert sum(done_counts) == measured  # every task reported exactly once
     assert 'fitnas_scheduler_ticks_total' in metrics
     assert len(done_counts) == 4
+
+
+def test_sqlite_lock_is_retried_not_raised(tmp_path):
+    """Another process holds SQLite's write lock longer than the busy timeout: the
+    transaction is retried (in Database.run) instead of failing with 'database is
+    locked'; a non-transient error is raised at once."""
+    import sqlite3
+
+    from sqlalchemy import text
+    from sqlalchemy.exc import OperationalError
+
+    import migrations
+    from service.db import Database
+
+    url = f"sqlite:///{tmp_path}/lock.db"
+    migrations.upgrade(url)
+    db = Database(url, busy_timeout_ms=50, retry_for_s=20)
+    holder = sqlite3.connect(f"{tmp_path}/lock.db", isolation_level=None,
+                             check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")
+    holder.execute("INSERT INTO fitnas_targets (name, description, created_at) "
+                   "VALUES ('held', '', '2025-01-01 00:00:00')")
+    threading.Timer(0.6, holder.execute, args=("COMMIT",)).start()
+    t0 = time.monotonic()
+    db.run(lambda s: s.execute(text(
+        "INSERT INTO fitnas_targets (name, description, created_at) "
+        "VALUES ('waited', '', '2025-01-01 00:00:00')")))
+    assert time.monotonic() - t0 >= 0.5
+    assert db.retries >= 1
+    names = db.run(lambda s: set(s.execute(text("SELECT name FROM fitnas_targets")).scalars()),
+                   write=False)
+    assert names == {"held", "waited"}
+    with pytest.raises(OperationalError):
+        db.run(lambda s: s.execute(text("SELECT * FROM no_such_table")))
+    holder.close()
+    db.dispose()
