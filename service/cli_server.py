@@ -41,8 +41,8 @@ def _settings(database_url: str | None = None):
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = ".".join(str(p) for p in err["loc"])
-        name = f"FITNAS_{loc.upper()}" if loc else "settings"
-        fail(f"{name}: {str(err['msg']).removeprefix('Value error, ')}")
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        fail(f"FITNAS_{loc.upper()}: {msg}" if loc else msg)
 
 
 def _redact(url: str) -> str:
