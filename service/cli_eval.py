@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from typing import Any
 
@@ -70,9 +71,9 @@ def _table(spec, lat) -> None:
 
 def measure(
     spec_arg: str = typer.Argument(..., metavar="SPEC",
-                                   help="preset:NAME[@WIDTH], a compact string, inline JSON "
-                                        "or a JSON file"),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda[:N]"),
+                                   help="preset:NAME or preset:NAME@WIDTH, a compact string, "
+                                        "inline JSON or a JSON file"),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N"),
     runtime: str = typer.Option("eager", "--runtime",
                                 help="eager, torchscript or onnxruntime"),
     batch: int = typer.Option(1, "--batch", help="batch size"),
@@ -107,6 +108,8 @@ def measure(
     from search.evaluators.runner import evaluate
     from search.evaluators.types import EvalTask, MeasureSettings
 
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        fail(f"bad option device: {device!r}; expected cpu, cuda or cuda:N")
     spec = load_spec_or_fail(spec_arg)
     ref = None if reference.strip().lower() in ("none", "") else reference.strip()
     if ref is not None:
