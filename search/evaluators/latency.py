@@ -191,6 +191,10 @@ def prepare(spec: ArchSpec, settings: MeasureSettings, resolution: int, threads:
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
+    # Idle pool threads must not spin: the reference's session runs in between and would
+    # be timed against spinning threads of the candidate's (and vice versa).
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     if cuda:
         providers: list[Any] = [("CUDAExecutionProvider", {"device_id": device.index or 0}),
                                 "CPUExecutionProvider"]
@@ -202,7 +206,8 @@ def prepare(spec: ArchSpec, settings: MeasureSettings, resolution: int, threads:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ExportError(f"ONNX Runtime could not load the exported model: {first}") from exc
     in_name = sess.get_inputs()[0].name
-    info = {"providers": sess.get_providers(), "onnx_bytes": len(data)}
+    info = {"providers": sess.get_providers(), "onnx_bytes": len(data), "opset": ONNX_OPSET,
+            "allow_spinning": False}
     del data, model
     if cuda:
         binding = sess.io_binding()
