@@ -441,8 +441,11 @@ def measure_latency(spec: ArchSpec, settings: MeasureSettings) -> LatencyResult:
     contended = fp.is_contended(threads, before.get("other_cores"), during.get("other_cores"),
                                 after.get("other_cores"))
     if contended:
-        notes.append("other processes used cores this measurement needed (see load); "
-                     "absolute times are suspect, ratio_to_reference less so")
+        notes.append("other processes used cores this measurement needed (see load): "
+                     "absolute times are suspect" + (", ratio_to_reference less so"
+                                                     if ref is not None else
+                                                     "; a reference would give a sturdier "
+                                                     "ratio"))
 
     device = fp.device_fingerprint(settings.device, threads)
     device.update({
