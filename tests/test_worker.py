@@ -305,18 +305,18 @@ def test_worker_started_before_the_api_backs_off_then_heartbeats_and_reports(api
     assert max(delays) <= 2.0  # --backoff-cap 2
     assert delays[2] > delays[0]  # grows: 0.25-0.5, 0.5-1, 1-2 s
 
-    # two tasks whose evaluation outlives the lease timeout several times over: only
-    # heartbeats keep them. Quality: a short training on a data set that the job only
-    # names; the worker's own configuration says where it is.
-    job_id = api.submit(api.early_target, trials=2, rounds=3, min_run_time_s=1.0,
+    # a task whose evaluation outlives the lease timeout: only heartbeats keep it.
+    # Quality: a short training on a data set that the job only names; the worker's own
+    # configuration says where it is.
+    job_id = api.submit(api.early_target, trials=1, rounds=3, min_run_time_s=1.0,
                         quality={"signal": "train", "data": "blobs", "steps": 3, "batch": 8,
                                  "resolution": 16})
     job = api.wait_job(job_id)
     assert job["status"] == "completed", job
-    assert job["progress"]["finished"] == 2 and job["progress"]["measured"] == 2
+    assert job["progress"]["finished"] == 1 and job["progress"]["measured"] == 1
     tasks = api.tasks(job_id)
-    assert [t["state"] for t in tasks] == ["done", "done"]
-    assert [t["attempts_used"] for t in tasks] == [0, 0]  # no lease ever expired
+    assert [t["state"] for t in tasks] == ["done"]
+    assert [t["attempts_used"] for t in tasks] == [0]  # the lease never expired
     for t in tasks:
         outcome = t["outcome"] if isinstance(t["outcome"], dict) else json.loads(t["outcome"])
         q = outcome["quality"]
@@ -325,10 +325,10 @@ def test_worker_started_before_the_api_backs_off_then_heartbeats_and_reports(api
         assert q["details"]["n_train"] + q["details"]["n_val"] == 48
     log = early.log()
     evals = [float(s) for s in re.findall(r"evaluated in ([0-9.]+) s", log)]
-    assert len(evals) == 2 and min(evals) > LEASE_TIMEOUT_S
+    assert len(evals) == 1 and evals[0] > LEASE_TIMEOUT_S
     beats = re.findall(r"lease extended \(heartbeat (\d+)\)", log)
-    assert len(beats) >= 2 * int(LEASE_TIMEOUT_S / HEARTBEAT_S)
-    assert log.count("reported, ok") == 2
+    assert len(beats) >= int(LEASE_TIMEOUT_S / HEARTBEAT_S)
+    assert log.count("reported, ok") == 1
     assert "lease lost" not in log
 
     # idle: SIGTERM stops it cleanly within about one long-poll window
@@ -336,7 +336,7 @@ def test_worker_started_before_the_api_backs_off_then_heartbeats_and_reports(api
     early.popen.send_signal(signal.SIGTERM)
     assert wait_exit(early, timeout=30) == 0
     assert time.monotonic() - t0 < 15
-    assert "exiting: 2 leased, 2 reported" in early.log()
+    assert "exiting: 1 leased, 1 reported" in early.log()
 
 
 def test_sigterm_releases_a_task_it_cannot_finish_then_another_worker_finishes(api):
