@@ -141,6 +141,14 @@ class Proc:
         return self.popen.returncode
 
 
+def terminate_all(procs: list[Proc], timeout: float = 60) -> dict[str, int | None]:
+    """SIGTERM every process at once, then wait for each (SIGKILL after ``timeout``)."""
+    for p in procs:
+        if p.alive():
+            p.popen.send_signal(signal.SIGTERM)
+    return {p.name: p.terminate(timeout) for p in procs}
+
+
 @dataclass
 class Stack:
     """Processes started for one test; all stopped (SIGTERM, then SIGKILL) at the end."""
@@ -162,9 +170,9 @@ class Stack:
 
     def stop_all(self) -> None:
         # workers first (they may still report), then the API, then the rest
-        order = sorted(self.procs, key=lambda p: (not p.name.startswith("worker"), p.name))
-        for p in order:
-            p.terminate()
+        workers = [p for p in self.procs if p.name.startswith("worker")]
+        terminate_all(workers)
+        terminate_all([p for p in self.procs if p not in workers])
 
     def logs(self) -> str:
         return "\n".join(f"===== {p.name} =====\n{p.log()[-6000:]}" for p in self.procs)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from service_harness import (
     run_cli,
     service_command,
     service_environment,
+    terminate_all,
     wait_http,
 )
 from svc_helpers import FAST_MEASURE, TINY_SPACE
@@ -145,13 +147,16 @@ def start_service(work: Path, database_url: str, optuna_url: str, n_workers: int
     assert proc.returncode == 0, proc.stderr
     assert "upgraded from empty to" in proc.stdout, proc.stdout
 
-    # keys, as `docker compose exec api fitnas admin ...` makes them
-    proc = run_cli(["admin", "create-key", "--name", "e2e"], server_env, work)
-    assert proc.returncode == 0, proc.stderr
-    key = proc.stdout.strip()
-    proc = run_cli(["admin", "create-worker-token", "--target", target], server_env, work)
-    assert proc.returncode == 0, proc.stderr
-    token = proc.stdout.strip()
+    # keys, as `docker compose exec api fitnas admin ...` makes them (both at once)
+    with ThreadPoolExecutor(2) as pool:
+        made = list(pool.map(lambda args: run_cli(args, server_env, work), [
+            ["admin", "create-key", "--name", "e2e"],
+            ["admin", "create-worker-token", "--target", target],
+        ]))
+    for proc in made:
+        assert proc.returncode == 0, proc.stderr
+        assert "it is shown only now" in proc.stderr
+    key, token = (proc.stdout.strip() for proc in made)
     assert key.startswith("fnk_") and token.startswith("fnw_")
 
     svc = Service(work, stack, api_url, f"http://127.0.0.1:{dash_port}", database_url,
@@ -237,10 +242,9 @@ def check_job(svc: Service, job: dict, trials: int) -> dict:
             "feasible": prog["feasible"]}
 
 
-def stop(svc: Service) -> dict[str, int]:
-    codes = {}
-    for w in svc.workers:
-        codes[w.name] = w.terminate(timeout=60)
+def stop(svc: Service) -> dict[str, int | None]:
+    """Stop the workers (exit codes returned) as compose does (SIGTERM), then the rest."""
+    codes = terminate_all(svc.workers)
     svc.stack.stop_all()
     return codes
 
