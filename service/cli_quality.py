@@ -47,6 +47,10 @@ def evaluate(
     batch: int = typer.Option(32, "--batch", "-b",
                               help="minibatch for the proxies and for training"),
     seed: int = typer.Option(0, "--seed", help="seed for initialization, minibatch, order"),
+    data_sources: str | None = typer.Option(
+        None, "--data-sources", metavar="FILE",
+        help='JSON {"name": "/path"} of ImageFolder directories / .npz files (default: '
+             "FITNAS_DATA_SOURCES_FILE and FITNAS_DATA_SOURCES, as for a worker)"),
     threads: int | None = typer.Option(None, "--threads", "-t",
                                        help="CPU threads (default: cores, at most 4)"),
     as_json: bool = typer.Option(False, "--json", help="print the result as one JSON object"),
@@ -73,12 +77,13 @@ def evaluate(
     if threads is not None and threads < 1:
         fail("--threads must be at least 1")
 
-    from search.evaluators.datasets import DataError, data_sources_from_env, resolve_source
+    from search.evaluators.datasets import DataError, resolve_source
+    from service.worker import WorkerError, load_data_sources
 
     try:  # configuration errors first, before the heavy imports
-        sources = data_sources_from_env()
+        sources = load_data_sources(data_sources)  # the same reader a worker uses
         resolve_source(data, sources)
-    except DataError as exc:
+    except (DataError, WorkerError) as exc:
         fail(str(exc))
 
     import torch

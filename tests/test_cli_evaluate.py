@@ -46,12 +46,13 @@ def test_train_prints_accuracy_for_people():
 
 
 def test_configured_npz_source(tmp_path):
+    """A data set named in the worker configuration (relative paths: relative to the file)."""
     rng = np.random.default_rng(0)
     x = rng.integers(0, 255, (40, 12, 12, 3), dtype=np.uint8)
     y = np.repeat([0, 1], 20)
     x[y == 1, :, :, 0] = 255
     np.savez(tmp_path / "two.npz", x=x, y=y)
-    (tmp_path / "sources.json").write_text(json.dumps({"two": str(tmp_path / "two.npz")}))
+    (tmp_path / "sources.json").write_text(json.dumps({"two": "two.npz"}))
     r = fitnas("evaluate", TINY, "--signal", "grad_norm", "--data", "two", "--batch", "8",
                "--json", env={"FITNAS_DATA_SOURCES_FILE": str(tmp_path / "sources.json")})
     assert r.returncode == 0, r.stderr
@@ -66,6 +67,8 @@ def test_configured_npz_source(tmp_path):
         (("--signal", "zen"), None, "--signal must be one of"),
         (("--signal", "train", "--steps", "0"), None, "--steps"),
         (("--signal", "synflow"), {"FITNAS_DATA_SOURCES": "{bad"}, "FITNAS_DATA_SOURCES"),
+        (("--signal", "synflow", "--data-sources", "/nonexistent/sources.json"), None,
+         "cannot read data sources file"),
     ],
 )
 def test_errors_are_one_line(args, env, message):

@@ -3,7 +3,6 @@ training on the built-in digits, user data (npz, ImageFolder) and data configura
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
@@ -12,11 +11,7 @@ import torch
 from torch import nn
 
 from blocks.spec import ArchSpec
-from search.evaluators.datasets import (
-    DataError,
-    data_sources_from_env,
-    load_dataset,
-)
+from search.evaluators.datasets import DataError, load_dataset
 from search.evaluators.proxies import ProxyError, grad_norm, naswot, synflow
 from search.evaluators.quality import QualityError, adapt_spec, evaluate_quality
 from search.evaluators.types import QualitySettings
@@ -321,17 +316,3 @@ def test_unknown_data_name_is_a_clear_error():
     text = str(err.value)
     assert "unknown data set 'imagenet'" in text and "digits" in text and "flowers" in text
     assert "\n" not in text
-
-
-def test_data_sources_from_environment(tmp_path):
-    f = tmp_path / "sources.json"
-    f.write_text(json.dumps({"a": "/from/file", "b": "/from/file/b"}))
-    env = {"FITNAS_DATA_SOURCES_FILE": str(f), "FITNAS_DATA_SOURCES": '{"a": "/from/env"}'}
-    assert data_sources_from_env(env) == {"a": "/from/env", "b": "/from/file/b"}
-    assert data_sources_from_env({}) == {}
-    with pytest.raises(DataError, match="not valid JSON"):
-        data_sources_from_env({"FITNAS_DATA_SOURCES": "{oops"})
-    with pytest.raises(DataError, match="JSON object mapping names to paths"):
-        data_sources_from_env({"FITNAS_DATA_SOURCES": '["a"]'})
-    with pytest.raises(DataError, match="cannot read"):
-        data_sources_from_env({"FITNAS_DATA_SOURCES_FILE": str(tmp_path / "missing.json")})

@@ -2,14 +2,12 @@
 worker's own configuration.
 
 Nothing is downloaded. A client names a data set (``QualitySettings.data``); only the
-worker's configuration maps that name to a path, so a client can never make a worker read
-a file of its choosing:
-
-* ``digits`` (built in): scikit-learn's bundled 8x8 hand-written digits (1,797 images,
-  10 classes), resized with bilinear interpolation to the requested resolution.
-* ``FITNAS_DATA_SOURCES``: a JSON object ``{"name": "/path/to/dir_or_file.npz", ...}``.
-* ``FITNAS_DATA_SOURCES_FILE``: the path of a JSON file holding such an object. Entries of
-  ``FITNAS_DATA_SOURCES`` win over the file's on equal names.
+worker's own configuration maps that name to a path (``data_sources``, read by
+:func:`service.worker.load_data_sources` from ``--data-sources FILE``,
+``FITNAS_DATA_SOURCES_FILE`` or ``FITNAS_DATA_SOURCES``; see docs/quality.md), so a
+client can never make a worker read a file of its choosing. ``digits`` is built in:
+scikit-learn's bundled 8x8 hand-written digits (1,797 images, 10 classes), resized with
+bilinear interpolation to the requested resolution.
 
 A path is either an ImageFolder directory (one sub-directory per class, images inside,
 read with Pillow) or an ``.npz`` file with arrays ``x`` (``N,H,W``, ``N,H,W,C`` or
@@ -24,8 +22,6 @@ a fixed seed (the split is a property of the data, the same for every trial).
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -42,7 +38,7 @@ ENV_SOURCES_FILE = "FITNAS_DATA_SOURCES_FILE"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
                     ".pgm")
 # Loaded images are capped so that one data set cannot exhaust a worker's memory: at most
-# this many bytes of float32 pixels (a seeded, class-balanced subsample beyond that).
+# this many bytes of float32 pixels (a seeded random subsample beyond that).
 MAX_DATA_BYTES = 1 << 30
 MAX_IN_CHANNELS = 64
 
@@ -86,41 +82,6 @@ class Dataset:
 # ---- configuration -------------------------------------------------------------------------
 
 
-def _check_mapping(obj: object, where: str) -> dict[str, str]:
-    if not isinstance(obj, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in obj.items()
-    ):
-        raise DataError(f"{where} must be a JSON object mapping names to paths "
-                        '(e.g. {"flowers": "/data/flowers"})')
-    return dict(obj)
-
-
-def data_sources_from_env(environ: dict[str, str] | None = None) -> dict[str, str]:
-    """The worker's data-source mapping from ``FITNAS_DATA_SOURCES_FILE`` and
-    ``FITNAS_DATA_SOURCES`` (the latter wins on equal names). Empty when neither is set."""
-    env = os.environ if environ is None else environ
-    sources: dict[str, str] = {}
-    path = env.get(ENV_SOURCES_FILE, "").strip()
-    if path:
-        try:
-            text = Path(path).expanduser().read_text()
-        except OSError as exc:
-            raise DataError(f"{ENV_SOURCES_FILE}={path}: cannot read ({exc.strerror})") from None
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{ENV_SOURCES_FILE}={path}: not valid JSON ({exc.msg})") from None
-        sources.update(_check_mapping(obj, f"{ENV_SOURCES_FILE}={path}"))
-    raw = env.get(ENV_SOURCES, "").strip()
-    if raw:
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{ENV_SOURCES} is not valid JSON ({exc.msg})") from None
-        sources.update(_check_mapping(obj, ENV_SOURCES))
-    return sources
-
-
 def resolve_source(name: str, data_sources: dict[str, str] | None) -> str | None:
     """The configured path for ``name``; ``None`` for a built-in. Raises :class:`DataError`
     naming the known data sets for anything else."""
@@ -130,8 +91,8 @@ def resolve_source(name: str, data_sources: dict[str, str] | None) -> str | None
     if name not in sources:
         known = ", ".join([*BUILTIN, *sorted(sources)])
         raise DataError(
-            f"unknown data set {name!r}; known here: {known} (configure more with "
-            f"{ENV_SOURCES} or {ENV_SOURCES_FILE})"
+            f"unknown data set {name!r}; known here: {known} (name more with --data-sources "
+            f"FILE, {ENV_SOURCES_FILE} or {ENV_SOURCES})"
         )
     return sources[name]
 

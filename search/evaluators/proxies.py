@@ -138,4 +138,4 @@ def grad_norm(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float
             total += float(torch.linalg.vector_norm(g.double()))
     if not math.isfinite(total):
         raise ProxyError("grad_norm is not finite")
-    return total, {"loss": float(loss), "layers": len(weights)}
+    return total, {"loss": float(loss.detach()), "layers": len(weights)}
