@@ -3,7 +3,6 @@ seeded training run), in this process. See docs/quality.md."""
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import typer
@@ -51,8 +50,9 @@ def evaluate(
         None, "--data-sources", metavar="FILE",
         help='JSON {"name": "/path"} of ImageFolder directories / .npz files (default: '
              "FITNAS_DATA_SOURCES_FILE and FITNAS_DATA_SOURCES, as for a worker)"),
-    threads: int | None = typer.Option(None, "--threads", "-t",
-                                       help="CPU threads (default: cores, at most 4)"),
+    threads: int = typer.Option(1, "--threads", "-t",
+                                help="CPU threads; values depend on the count, so keep it "
+                                     "fixed to compare (default 1)"),
     as_json: bool = typer.Option(False, "--json", help="print the result as one JSON object"),
 ) -> None:
     """Compute a quality signal for one architecture (higher is better for every signal).
@@ -69,14 +69,11 @@ def evaluate(
 
     try:
         settings = QualitySettings(signal=signal, data=data, steps=steps, batch=batch,
-                                   resolution=resolution, seed=seed)
+                                   resolution=resolution, seed=seed, threads=threads)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         fail(f"--{where.replace('_', '-')}: {first['msg']}")
-    if threads is not None and threads < 1:
-        fail("--threads must be at least 1")
-
     from search.evaluators.datasets import DataError, resolve_source
     from service.worker import WorkerError, load_data_sources
 
@@ -86,13 +83,10 @@ def evaluate(
     except (DataError, WorkerError) as exc:
         fail(str(exc))
 
-    import torch
-
     from blocks.shapes import SpecError
     from search.evaluators.proxies import ProxyError
     from search.evaluators.quality import QualityError, evaluate_quality
 
-    torch.set_num_threads(threads or max(1, min(4, os.cpu_count() or 1)))
     try:
         result = evaluate_quality(spec, settings, sources)
     except DataError as exc:

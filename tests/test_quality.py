@@ -181,6 +181,18 @@ def test_training_on_digits_beats_chance_and_is_reproducible():
     assert b.value == a.value and b.details["val_loss"] == a.details["val_loss"]
 
 
+def test_thread_count_is_fixed_by_the_settings():
+    # float32 gradient sums depend on the thread count; the settings pin it (default 1)
+    pinned = evaluate_quality(TINY, q("grad_norm"))
+    torch.set_num_threads(2)
+    again = evaluate_quality(TINY, q("grad_norm"))
+    assert torch.get_num_threads() == 2  # the caller's setting is restored
+    assert again.value == pinned.value and again.details["threads"] == 1
+    free = evaluate_quality(TINY, q("grad_norm", threads=None))
+    assert free.details["threads"] == 2
+    assert free.value == pytest.approx(pinned.value, rel=1e-5)
+
+
 def test_signal_none_and_tiny_batches_are_clear_errors():
     with pytest.raises(QualityError, match="none"):
         evaluate_quality(TINY, q("none"))

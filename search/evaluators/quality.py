@@ -21,7 +21,9 @@ stem stays the one the spec describes. The adapted spec's hash, params and MACs 
 
 Determinism: for a given spec, settings (seed included), data and thread count, the
 value is the same on every run: the model's initialization, the minibatch, the training
-order and dropout all come from ``settings.seed``.
+order and dropout all come from ``settings.seed``. ``settings.threads`` (default 1) fixes
+the CPU thread count while evaluating, because float32 sums, and so training, depend on
+it.
 """
 
 from __future__ import annotations
@@ -62,6 +64,19 @@ def adapt_spec(spec: ArchSpec, data: Dataset, resolution: int) -> ArchSpec:
     update = {"num_classes": data.num_classes, "in_channels": in_channels,
               "resolution": resolution}
     return ArchSpec.model_validate({**spec.model_dump(), **update})
+
+
+@contextlib.contextmanager
+def _threads(count: int | None, device: torch.device) -> Iterator[None]:
+    if count is None or device.type != "cpu" or count == torch.get_num_threads():
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _seed_all(seed: int) -> torch.Generator:
@@ -191,7 +206,7 @@ def evaluate_quality(
     data = load_dataset(settings.data, resolution, data_sources)
     adapted = adapt_spec(spec, data, resolution)
     dev = torch.device(device)
-    with _deterministic(dev):
+    with _deterministic(dev), _threads(settings.threads, dev):
         generator = _seed_all(settings.seed)
         model = build_model(adapted)
         model.to(dev)

@@ -75,6 +75,10 @@ class QualitySettings(_Model):
     resolution: int | None = Field(None, ge=8, le=1024, description="None: 32 for proxies "
                                    "and digits training")
     seed: int = 0
+    threads: int | None = Field(
+        1, ge=1, le=256, description="CPU threads while evaluating; float32 sums (training, "
+        "grad_norm) depend on the count, so a fixed one keeps values reproducible across "
+        "machines. None: the process's current setting")
 
 
 class LatencyStats(_Model):
