@@ -22,16 +22,9 @@ from pydantic import BaseModel, ValidationError
 
 from blocks.spec import (
     ArchSpec,
-    BottleneckBlock,
     Classifier,
-    ConvBlock,
     ConvLayer,
-    DepthwiseSeparableBlock,
-    FactorizedBlock,
-    MBConvBlock,
     SESpec,
-    ShuffleBlock,
-    SpatialSepBlock,
 )
 
 
@@ -49,15 +42,6 @@ KIND_PREFIX = {
     "shuffle": "sh",
 }
 PREFIX_KIND = {v: k for k, v in KIND_PREFIX.items()}
-KIND_MODEL: dict[str, type[BaseModel]] = {
-    "conv": ConvBlock,
-    "factorized": FactorizedBlock,
-    "spatial_sep": SpatialSepBlock,
-    "ds": DepthwiseSeparableBlock,
-    "mbconv": MBConvBlock,
-    "bottleneck": BottleneckBlock,
-    "shuffle": ShuffleBlock,
-}
 
 # field name -> token key, per model. Order is the order of writing.
 _BLOCK_KEYS = {

@@ -210,6 +210,21 @@ def normalize_failure(reason: str, message: str) -> dict[str, str]:
     return {"reason": "crashed", "message": f"{label}{message}"}
 
 
+def _attempt_spent(used: int, give_up: bool, error: dict, now: datetime) -> dict[str, Any]:
+    """Column values for a lease that ended without a result: the attempt is spent, the
+    lease cleared; the task is queued again, or failed for good at the last attempt."""
+    values: dict[str, Any] = {
+        "attempts_used": used,
+        "lease_token_hash": None,
+        "lease_expires_at": None,
+        "last_error": error,
+        "state": "failed" if give_up else "queued",
+    }
+    if give_up:
+        values["finished_at"] = now
+    return values
+
+
 def fail_task(
     db: Database,
     task_id: str,
@@ -230,15 +245,7 @@ def fail_task(
             raise StaleLease(_stale_message(row))
         used = row.attempts_used + 1
         give_up = used >= max_attempts
-        values: dict[str, Any] = {
-            "attempts_used": used,
-            "lease_token_hash": None,
-            "lease_expires_at": None,
-            "last_error": error,
-            "state": "failed" if give_up else "queued",
-        }
-        if give_up:
-            values["finished_at"] = now
+        values = _attempt_spent(used, give_up, error, now)
         rc = s.execute(
             update(Task)
             .where(Task.id == task_id, Task.state == "leased", Task.lease_token_hash == th)
@@ -299,15 +306,7 @@ def reap_expired(db: Database, max_attempts: int, limit: int = 500) -> list[Reap
                 "message": f"lease expired without a heartbeat (attempt {used} of "
                 f"{max_attempts}, worker {r.worker_id}); the worker was lost",
             }
-            values: dict[str, Any] = {
-                "attempts_used": used,
-                "lease_token_hash": None,
-                "lease_expires_at": None,
-                "last_error": error,
-                "state": "failed" if give_up else "queued",
-            }
-            if give_up:
-                values["finished_at"] = now
+            values = _attempt_spent(used, give_up, error, now)
             rc = s.execute(
                 update(Task)
                 .where(Task.id == r.id, Task.state == "leased", Task.lease_expires_at < now)
