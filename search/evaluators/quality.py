@@ -42,6 +42,7 @@ from blocks.builder import build_model
 from blocks.cost import estimate_cost
 from blocks.spec import ArchSpec
 from search.evaluators.datasets import Dataset, fit_channels, load_dataset
+from search.evaluators.latency import torch_threads
 from search.evaluators.proxies import grad_norm, naswot, synflow
 from search.evaluators.types import QualityResult, QualitySettings
 
@@ -66,17 +67,10 @@ def adapt_spec(spec: ArchSpec, data: Dataset, resolution: int) -> ArchSpec:
     return ArchSpec.model_validate({**spec.model_dump(), **update})
 
 
-@contextlib.contextmanager
-def _threads(count: int | None, device: torch.device) -> Iterator[None]:
-    if count is None or device.type != "cpu" or count == torch.get_num_threads():
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+def _threads(count: int | None, device: torch.device) -> contextlib.AbstractContextManager:
+    if count is None or device.type != "cpu":
+        return contextlib.nullcontext()
+    return torch_threads(count)
 
 
 def _seed_all(seed: int) -> torch.Generator:
