@@ -96,6 +96,20 @@ def _search_cmd(tmp_path: Path, trials: int) -> list[str]:
             "--out", str(tmp_path / "out"), "--seed", "5"]
 
 
+def _states_while_created(url: str, path) -> list[optuna.trial.FrozenTrial]:
+    """Poll a storage that the search process may still be creating: opening it races
+    the other process's CREATE TABLE (both run Optuna's schema set-up), so a read that
+    loses the race counts as 'nothing yet'."""
+    import sqlalchemy.exc
+
+    if not path.exists():
+        return []
+    try:
+        return _states(url)
+    except sqlalchemy.exc.OperationalError:
+        return []
+
+
 def _states(url: str) -> list[optuna.trial.FrozenTrial]:
     names = optuna.get_all_study_names(url)
     if not names:
@@ -113,7 +127,7 @@ def test_ctrl_c_then_the_same_command_resumes(tmp_path):
         # wait until one trial is done and the next is being evaluated, then Ctrl-C
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
-            trials = _states(url) if (tmp_path / "out" / "fitnas.db").exists() else []
+            trials = _states_while_created(url, tmp_path / "out" / "fitnas.db")
             done = [t for t in trials if t.state.is_finished()]
             running = [t for t in trials if t.state == TrialState.RUNNING]
             if done and running and "spec" in running[0].user_attrs:
