@@ -149,21 +149,33 @@ def _stale_message(row: Task) -> str:
     return "lease token is not the task's current lease (it expired and was leased again)"
 
 
+def _update_held(s: Session, row: Task, token_hash: str, **values: Any) -> int:
+    """Write ``values`` to the task only while the lease behind ``token_hash`` still holds
+    it (one conditional UPDATE: two workers can never both win). Returns the row count;
+    the row is refreshed either way."""
+    rc = s.execute(
+        update(Task)
+        .where(Task.id == row.id, Task.state == "leased", Task.lease_token_hash == token_hash)
+        .values(**values)
+    ).rowcount
+    s.refresh(row)
+    return rc
+
+
+def _require_held(s: Session, row: Task, token_hash: str, **values: Any) -> Task:
+    """:func:`_update_held`, raising :class:`StaleLease` when the lease is no longer held."""
+    if _update_held(s, row, token_hash, **values) != 1:
+        raise StaleLease(_stale_message(row))
+    return row
+
+
 def heartbeat(db: Database, task_id: str, target: str, token: str, lease_timeout_s: float):
     th = hash_token(token)
 
     def op(s: Session) -> datetime:
         now = utcnow()
         expires = now + timedelta(seconds=lease_timeout_s)
-        row = _load(s, task_id, target)
-        rc = s.execute(
-            update(Task)
-            .where(Task.id == task_id, Task.state == "leased", Task.lease_token_hash == th)
-            .values(lease_expires_at=expires)
-        ).rowcount
-        if rc != 1:
-            s.refresh(row)
-            raise StaleLease(_stale_message(row))
+        row = _require_held(s, _load(s, task_id, target), th, lease_expires_at=expires)
         if row.worker_id:
             s.execute(
                 update(Worker).where(Worker.id == row.worker_id).values(last_heartbeat_at=now)
@@ -183,13 +195,7 @@ def submit_result(
     def op(s: Session) -> tuple[bool, Task]:
         now = utcnow()
         row = _load(s, task_id, target)
-        rc = s.execute(
-            update(Task)
-            .where(Task.id == task_id, Task.state == "leased", Task.lease_token_hash == th)
-            .values(state="done", outcome=outcome, finished_at=now)
-        ).rowcount
-        s.refresh(row)
-        if rc == 1:
+        if _update_held(s, row, th, state="done", outcome=outcome, finished_at=now) == 1:
             if row.worker_id:
                 s.execute(
                     update(Worker).where(Worker.id == row.worker_id).values(last_heartbeat_at=now)
@@ -245,17 +251,7 @@ def fail_task(
             raise StaleLease(_stale_message(row))
         used = row.attempts_used + 1
         give_up = used >= max_attempts
-        values = _attempt_spent(used, give_up, error, now)
-        rc = s.execute(
-            update(Task)
-            .where(Task.id == task_id, Task.state == "leased", Task.lease_token_hash == th)
-            .values(**values)
-        ).rowcount
-        if rc != 1:
-            s.refresh(row)
-            raise StaleLease(_stale_message(row))
-        s.refresh(row)
-        return row
+        return _require_held(s, row, th, **_attempt_spent(used, give_up, error, now))
 
     return db.run(op)
 
@@ -266,17 +262,8 @@ def release_task(db: Database, task_id: str, target: str, token: str) -> Task:
     th = hash_token(token)
 
     def op(s: Session) -> Task:
-        row = _load(s, task_id, target)
-        rc = s.execute(
-            update(Task)
-            .where(Task.id == task_id, Task.state == "leased", Task.lease_token_hash == th)
-            .values(state="queued", lease_token_hash=None, lease_expires_at=None)
-        ).rowcount
-        if rc != 1:
-            s.refresh(row)
-            raise StaleLease(_stale_message(row))
-        s.refresh(row)
-        return row
+        return _require_held(s, _load(s, task_id, target), th, state="queued",
+                             lease_token_hash=None, lease_expires_at=None)
 
     return db.run(op)
 
