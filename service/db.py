@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import random
+import secrets
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -45,6 +46,11 @@ _RETRY_SQLSTATES = {"40001", "40P01"}  # serialization_failure, deadlock_detecte
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def new_id() -> str:
+    """A short random row id (64 bits, hex)."""
+    return secrets.token_hex(8)
 
 
 class DatabaseConfigError(ValueError):

@@ -1,4 +1,4 @@
-"""The task lease protocol, as database operations (the HTTP layer is routes_tasks.py).
+"""The task lease protocol, as database operations (the HTTP layer is service/api/routes/tasks.py).
 
 Every state change is one short transaction around a conditional ``UPDATE ... WHERE
 state = ... AND lease_token_hash = ...``: whoever's UPDATE matches wins, on SQLite and on
@@ -22,9 +22,9 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from search.evaluators.types import FailureReason
-from service.auth import hash_token
 from service.db import Database, utcnow
 from service.models import Job, Task, Worker
+from service.tokens import hash_token
 
 FAILURE_REASONS = set(get_args(FailureReason))
 

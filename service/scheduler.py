@@ -38,12 +38,11 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from search.evaluators.types import EvalOutcome, Failure
-from service.auth import new_id
 from service.cache import DBMeasurementCache
-from service.db import Database, utcnow
+from service.db import Database, new_id, utcnow
 from service.leases import Reaped, live_workers, reap_expired
 from service.models import Job, Task
-from service.studies import get_storage, is_feasible, load_study, trial_view
+from service.studies import get_storage, is_feasible, load_study, summarize
 
 log = logging.getLogger("fitnas.scheduler")
 
@@ -77,11 +76,6 @@ class TickReport:
     jobs: dict[str, JobTick] = field(default_factory=dict)
     skipped_locked: list[str] = field(default_factory=list)
     errors: dict[str, str] = field(default_factory=dict)
-
-
-def summarize(t) -> dict[str, Any]:
-    """The stored form of a trial in ``best``/``pareto``/``winner``."""
-    return trial_view(t, include_spec=True, include_attrs=False)
 
 
 class Scheduler:

@@ -122,3 +122,8 @@ def trial_view(t, *, include_spec: bool = False, include_attrs: bool = True) -> 
     if include_attrs:
         view["user_attrs"] = attrs
     return json_safe(view)
+
+
+def summarize(t) -> dict[str, Any]:
+    """The stored form of a trial in ``best``/``pareto``/``winner``."""
+    return trial_view(t, include_spec=True, include_attrs=False)

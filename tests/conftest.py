@@ -162,7 +162,7 @@ def _finish_active_jobs(db) -> None:
 
 @pytest.fixture
 def app(settings):
-    from service.app import create_app
+    from service.api.app import create_app
 
     return create_app(settings)
 
@@ -183,7 +183,7 @@ def unique(prefix: str) -> str:
 @pytest.fixture
 def user_key(app):
     """(owner, headers) for a new user."""
-    from service.auth import create_api_key
+    from service.tokens import create_api_key
 
     owner = unique("user")
     token, _ = create_api_key(app.state.db, owner)
@@ -192,7 +192,7 @@ def user_key(app):
 
 @pytest.fixture
 def make_worker_token(app):
-    from service.auth import create_worker_token
+    from service.tokens import create_worker_token
 
     def make(target: str | None = None) -> tuple[str, dict[str, str]]:
         target = target or unique("t")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from svc_helpers import HttpWorker, job_body
 
-from service.auth import create_api_key, create_worker_token, revoke
+from service.tokens import create_api_key, create_worker_token, revoke
 
 
 def test_open_endpoints_and_missing_or_bad_tokens(client):
@@ -99,7 +99,7 @@ def test_users_see_only_their_own_jobs(client, app, make_worker_token):
 def test_metrics_can_require_auth(make_settings, app):
     from fastapi.testclient import TestClient
 
-    from service.app import create_app
+    from service.api.app import create_app
 
     locked = create_app(make_settings(metrics_require_auth=True))
     token, _ = create_api_key(app.state.db, "ops")

@@ -58,8 +58,8 @@ class _Recorder(httpx.Client):
 
 @pytest.mark.timeout(300)
 def test_four_workers_two_jobs_no_errors(make_settings, app):
-    from service.app import create_app
-    from service.auth import create_api_key, create_worker_token
+    from service.api.app import create_app
+    from service.tokens import create_api_key, create_worker_token
 
     settings = make_settings(scheduler_enabled=True, scheduler_interval_s=0.1,
                              lease_timeout_s=20.0, heartbeat_interval_s=1.0)

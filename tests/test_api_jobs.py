@@ -156,7 +156,7 @@ def test_openapi_describes_the_api_with_examples(client):
 def test_readyz_reports_an_unmigrated_database(tmp_path):
     from fastapi.testclient import TestClient
 
-    from service.app import create_app
+    from service.api.app import create_app
     from service.settings import Settings
 
     app = create_app(Settings(database_url=f"sqlite:///{tmp_path}/empty.db",

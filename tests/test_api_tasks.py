@@ -105,12 +105,12 @@ def test_expired_leases_are_requeued_then_fail_the_trial(make_settings, user_key
                                                          make_worker_token):
     from fastapi.testclient import TestClient
 
-    from service.app import create_app
+    from service.api.app import create_app
 
     app = create_app(make_settings(lease_timeout_s=0.4, heartbeat_interval_s=0.1))
     with TestClient(app) as client:
         _, h = user_key
-        from service.auth import create_worker_token
+        from service.tokens import create_worker_token
 
         target = f"exp-{time.monotonic_ns()}"
         token, _ = create_worker_token(app.state.db, target)

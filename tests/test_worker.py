@@ -169,8 +169,8 @@ class Api:
     early_token: str
 
     def token(self, target: str) -> str:
-        from service.auth import create_worker_token
         from service.db import Database
+        from service.tokens import create_worker_token
 
         db = Database(self.db_url)
         try:
@@ -251,8 +251,8 @@ def wait_exit(proc: Proc, timeout: float) -> int:
 @pytest.fixture(scope="module")
 def api(tmp_path_factory):
     import migrations
-    from service.auth import create_api_key, create_worker_token
     from service.db import Database
+    from service.tokens import create_api_key, create_worker_token
 
     work = tmp_path_factory.mktemp("worker-api")
     db_url = f"sqlite:///{work}/fitnas.db"
@@ -421,8 +421,8 @@ def test_result_survives_an_api_restart(tmp_path):
     """The API goes away while a task is evaluated: the worker keeps retrying (heartbeats
     and the result) with backoff until it is back; nothing is lost, nothing told twice."""
     import migrations
-    from service.auth import create_api_key, create_worker_token
     from service.db import Database
+    from service.tokens import create_api_key, create_worker_token
 
     db_url = f"sqlite:///{tmp_path}/fitnas.db"
     migrations.upgrade(db_url)

@@ -1,4 +1,5 @@
-"""Bearer-token authentication.
+"""API keys and worker tokens: making, hashing and revoking them (the request-time checks
+are ``service/api/deps.py``).
 
 * API keys (``fnk_...``) identify a user (``owner``); they call everything under ``/v1``
   except the task protocol. A user sees only their own jobs.
@@ -15,23 +16,17 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
-from dataclasses import dataclass
-from datetime import timedelta
 
-from fastapi import Depends, HTTPException, Request, status
-from sqlalchemy import select, update
+from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from service.db import Database, utcnow
+from service.db import Database, new_id, utcnow
 from service.models import ApiKey, Target, WorkerToken
 
 API_KEY_PREFIX = "fnk_"
 WORKER_TOKEN_PREFIX = "fnw_"
 TARGET_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 OWNER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,99}$")
-# Writing last_used_at on every request would turn every read into a write; once a
-# minute is plenty for "when was this key last used".
-_TOUCH_EVERY = timedelta(seconds=60)
 
 
 def hash_token(token: str) -> str:
@@ -40,10 +35,6 @@ def hash_token(token: str) -> str:
 
 def new_token(prefix: str) -> str:
     return prefix + secrets.token_urlsafe(32)
-
-
-def new_id() -> str:
-    return secrets.token_hex(8)
 
 
 class AuthError(ValueError):
@@ -121,88 +112,3 @@ def revoke(db: Database, token_or_prefix: str) -> int:
         return n
 
     return db.run(op)
-
-
-# ---- request-time ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class User:
-    key_id: str
-    owner: str
-
-
-@dataclass(frozen=True)
-class WorkerPrincipal:
-    token_id: str
-    target: str
-
-
-def _bearer(request: Request) -> str:
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise HTTPException(
-            status.HTTP_401_UNAUTHORIZED,
-            "missing bearer token (Authorization: Bearer <API key or worker token>)",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-    return token.strip()
-
-
-def _lookup(db: Database, model, token: str):
-    th = hash_token(token)
-    now = utcnow()
-
-    def read(s: Session):
-        return s.execute(select(model).where(model.token_hash == th)).scalar_one_or_none()
-
-    row = db.run(read, write=False)
-    if row is None or row.revoked_at is not None:
-        raise HTTPException(
-            status.HTTP_401_UNAUTHORIZED,
-            "invalid or revoked token",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-    if row.last_used_at is None or now - row.last_used_at > _TOUCH_EVERY:
-
-        def touch(s: Session) -> None:
-            s.execute(update(model).where(model.id == row.id).values(last_used_at=now))
-
-        db.run(touch)
-    return row
-
-
-def get_db(request: Request) -> Database:
-    return request.app.state.db
-
-
-def require_user(request: Request, db: Database = Depends(get_db)) -> User:
-    token = _bearer(request)
-    if token.startswith(WORKER_TOKEN_PREFIX):
-        raise HTTPException(
-            status.HTTP_403_FORBIDDEN,
-            "a worker token may only call /v1/workers/register, /v1/workers/{id}/heartbeat "
-            "and /v1/tasks/*; use an API key (fitnas admin create-key)",
-        )
-    row = _lookup(db, ApiKey, token)
-    return User(key_id=row.id, owner=row.owner)
-
-
-def require_worker(request: Request, db: Database = Depends(get_db)) -> WorkerPrincipal:
-    token = _bearer(request)
-    if token.startswith(API_KEY_PREFIX):
-        raise HTTPException(
-            status.HTTP_403_FORBIDDEN,
-            "the task protocol needs a worker token (fitnas admin create-worker-token)",
-        )
-    row = _lookup(db, WorkerToken, token)
-    return WorkerPrincipal(token_id=row.id, target=row.target)
-
-
-def check_target(principal: WorkerPrincipal, target: str) -> None:
-    if principal.target != target:
-        raise HTTPException(
-            status.HTTP_403_FORBIDDEN,
-            f"this worker token is scoped to target {principal.target!r}, not {target!r}",
-        )

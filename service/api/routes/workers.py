@@ -9,19 +9,15 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from service.auth import (
+from service.api.deps import (
     User,
     WorkerPrincipal,
     check_target,
     get_db,
-    new_id,
     require_user,
     require_worker,
 )
-from service.db import Database, utcnow
-from service.leases import live_workers
-from service.models import Target, Task, Worker
-from service.schemas import (
+from service.api.schemas import (
     Status,
     TargetCreate,
     TargetOut,
@@ -29,6 +25,9 @@ from service.schemas import (
     WorkerRegister,
     WorkerRegistered,
 )
+from service.db import Database, new_id, utcnow
+from service.leases import live_workers
+from service.models import Target, Task, Worker
 
 router = APIRouter(prefix="/v1", tags=["targets and workers"])
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import typer
 
-from service.cli_common import fail
+from service.cli.common import fail
 
 
 def register(app: typer.Typer) -> None:

@@ -19,11 +19,8 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from service.auth import User, get_db, new_id, require_user
-from service.db import Database, utcnow
-from service.leases import cancel_job_tasks
-from service.models import Job, Target
-from service.schemas import (
+from service.api.deps import User, get_db, require_user
+from service.api.schemas import (
     ExportFormat,
     JobCreate,
     JobOut,
@@ -33,6 +30,9 @@ from service.schemas import (
     TrialPage,
     WinnerOut,
 )
+from service.db import Database, new_id, utcnow
+from service.leases import cancel_job_tasks
+from service.models import Job, Target
 from service.studies import load_study, trial_view
 
 log = logging.getLogger("fitnas.api")
@@ -333,7 +333,7 @@ def list_trials(
 
 
 def _live_pareto(request: Request, job: Job) -> tuple[list[dict], dict | None]:
-    from service.scheduler import summarize
+    from service.studies import summarize
 
     _, driver = _study_and_driver(request, job)
     if driver is None:

@@ -8,8 +8,8 @@ import sys
 
 import typer
 
-from service import cli_arch, cli_eval, cli_quality, cli_search, cli_server, cli_worker
-from service.cli_common import CLIError
+from service.cli import arch, evaluate, quality, search, server, worker
+from service.cli.common import CLIError
 
 app = typer.Typer(
     name="fitnas",
@@ -19,7 +19,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for module in (cli_arch, cli_eval, cli_quality, cli_search, cli_server, cli_worker):
+for module in (arch, evaluate, quality, search, server, worker):
     module.register(app)
 
 

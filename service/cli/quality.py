@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-from service.cli_common import fail, load_spec_or_fail, print_json
+from service.cli.common import fail, load_spec_or_fail, print_json
 
 SIGNALS = ("synflow", "naswot", "grad_norm", "train")
 

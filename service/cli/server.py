@@ -12,7 +12,7 @@ import os
 
 import typer
 
-from service.cli_common import fail
+from service.cli.common import fail
 
 db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_help=True)
 admin_app = typer.Typer(help="API keys and worker tokens.", no_args_is_help=True)
@@ -141,7 +141,7 @@ def serve(
     )
     try:
         uvicorn.run(
-            "service.app:create_app", factory=True, host=host, port=port, workers=workers,
+            "service.api.app:create_app", factory=True, host=host, port=port, workers=workers,
             log_level=log_level, proxy_headers=True,
         )
     except OSError as exc:
@@ -183,7 +183,7 @@ def create_key(
     database_url: str = _DB_URL,
 ) -> None:
     """Make a user API key. Prints the key (once) on stdout."""
-    from service.auth import AuthError, create_api_key
+    from service.tokens import AuthError, create_api_key
 
     _, db = _open_db(database_url)
     try:
@@ -204,7 +204,7 @@ def create_worker_token_cmd(
     database_url: str = _DB_URL,
 ) -> None:
     """Make a worker token scoped to one target. Prints the token (once) on stdout."""
-    from service.auth import AuthError, create_worker_token
+    from service.tokens import AuthError, create_worker_token
 
     _, db = _open_db(database_url)
     try:
@@ -224,7 +224,7 @@ def revoke_cmd(
     database_url: str = _DB_URL,
 ) -> None:
     """Revoke an API key or a worker token."""
-    from service.auth import revoke
+    from service.tokens import revoke
 
     _, db = _open_db(database_url)
     try:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from service.cli_common import fail, print_json
+from service.cli.common import fail, print_json
 
 DEFAULT_OUT = "fitnas-out"
 DEFAULT_REFERENCE = "preset:mobilenet_v2@0.5"
@@ -87,7 +87,7 @@ def search(
     from search.local import SearchInterrupted, run_search
     from search.space import DesignSpace, SpaceError
     from search.study import Budgets, SearchConfig, SearchError
-    from service.cli_common import load_spec_or_fail
+    from service.cli.common import load_spec_or_fail
 
     if (max_latency_ms is None) == (max_latency_ratio is None):
         fail("give exactly one latency budget: --max-latency-ms X or --max-latency-ratio R")

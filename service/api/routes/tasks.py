@@ -13,11 +13,9 @@ from sqlalchemy import update
 from starlette.concurrency import run_in_threadpool
 
 from service import leases
-from service.auth import WorkerPrincipal, check_target, get_db, require_worker
-from service.db import Database, utcnow
-from service.models import Worker
-from service.routes_workers import load_worker
-from service.schemas import (
+from service.api.deps import WorkerPrincipal, check_target, get_db, require_worker
+from service.api.routes.workers import load_worker
+from service.api.schemas import (
     FailIn,
     FailOut,
     HeartbeatOut,
@@ -28,6 +26,8 @@ from service.schemas import (
     ResultIn,
     ResultOut,
 )
+from service.db import Database, utcnow
+from service.models import Worker
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks (workers)"])
 

@@ -15,9 +15,9 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy.exc import DBAPIError
 
-from service.auth import require_user
+from service.api.deps import require_user
+from service.api.metrics import CONTENT_TYPE, Metrics
 from service.db import Database
-from service.metrics import CONTENT_TYPE, Metrics
 from service.scheduler import Scheduler, SchedulerLoop
 from service.settings import Settings, get_settings
 
@@ -74,11 +74,11 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None) 
     app.state.scheduler = scheduler
     app.state.scheduler_loop = loop if settings.scheduler_enabled else None
 
-    from service import routes_jobs, routes_tasks, routes_workers
+    from service.api.routes import jobs, tasks, workers
 
-    app.include_router(routes_jobs.router)
-    app.include_router(routes_workers.router)
-    app.include_router(routes_tasks.router)
+    app.include_router(jobs.router)
+    app.include_router(workers.router)
+    app.include_router(tasks.router)
 
     @app.exception_handler(DBAPIError)
     async def _db_error(request: Request, exc: DBAPIError):

@@ -10,7 +10,7 @@ from typing import Any
 
 import typer
 
-from service.cli_common import fail, load_spec_or_fail, print_json
+from service.cli.common import fail, load_spec_or_fail, print_json
 
 DEFAULT_REFERENCE = "preset:mobilenet_v2@0.5"
 

@@ -1,0 +1,104 @@
+"""Request-time dependencies of the API: the database, the bearer-token checks (an API key
+for a user, a worker token scoped to one target for a worker).
+
+Tokens are 256-bit random strings; only their SHA-256 is stored (``service/tokens.py``),
+so a lookup is one indexed equality on the hash.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+from fastapi import Depends, HTTPException, Request, status
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from service.db import Database, utcnow
+from service.models import ApiKey, WorkerToken
+from service.tokens import API_KEY_PREFIX, WORKER_TOKEN_PREFIX, hash_token
+
+# Writing last_used_at on every request would turn every read into a write; once a
+# minute is plenty for "when was this key last used".
+_TOUCH_EVERY = timedelta(seconds=60)
+
+@dataclass(frozen=True)
+class User:
+    key_id: str
+    owner: str
+
+
+@dataclass(frozen=True)
+class WorkerPrincipal:
+    token_id: str
+    target: str
+
+
+def _bearer(request: Request) -> str:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            "missing bearer token (Authorization: Bearer <API key or worker token>)",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    return token.strip()
+
+
+def _lookup(db: Database, model, token: str):
+    th = hash_token(token)
+    now = utcnow()
+
+    def read(s: Session):
+        return s.execute(select(model).where(model.token_hash == th)).scalar_one_or_none()
+
+    row = db.run(read, write=False)
+    if row is None or row.revoked_at is not None:
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            "invalid or revoked token",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    if row.last_used_at is None or now - row.last_used_at > _TOUCH_EVERY:
+
+        def touch(s: Session) -> None:
+            s.execute(update(model).where(model.id == row.id).values(last_used_at=now))
+
+        db.run(touch)
+    return row
+
+
+def get_db(request: Request) -> Database:
+    return request.app.state.db
+
+
+def require_user(request: Request, db: Database = Depends(get_db)) -> User:
+    token = _bearer(request)
+    if token.startswith(WORKER_TOKEN_PREFIX):
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN,
+            "a worker token may only call /v1/workers/register, /v1/workers/{id}/heartbeat "
+            "and /v1/tasks/*; use an API key (fitnas admin create-key)",
+        )
+    row = _lookup(db, ApiKey, token)
+    return User(key_id=row.id, owner=row.owner)
+
+
+def require_worker(request: Request, db: Database = Depends(get_db)) -> WorkerPrincipal:
+    token = _bearer(request)
+    if token.startswith(API_KEY_PREFIX):
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN,
+            "the task protocol needs a worker token (fitnas admin create-worker-token)",
+        )
+    row = _lookup(db, WorkerToken, token)
+    return WorkerPrincipal(token_id=row.id, target=row.target)
+
+
+def check_target(principal: WorkerPrincipal, target: str) -> None:
+    if principal.target != target:
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN,
+            f"this worker token is scoped to target {principal.target!r}, not {target!r}",
+        )
