@@ -3,7 +3,7 @@ worker's own configuration.
 
 Nothing is downloaded. A client names a data set (``QualitySettings.data``); only the
 worker's own configuration maps that name to a path (``data_sources``, read by
-:func:`service.worker.load_data_sources` from ``--data-sources FILE``,
+:func:`service.worker.config.load_data_sources` from ``--data-sources FILE``,
 ``FITNAS_DATA_SOURCES_FILE`` or ``FITNAS_DATA_SOURCES``; see docs/quality.md), so a
 client can never make a worker read a file of its choosing. ``digits`` is built in:
 scikit-learn's bundled 8x8 hand-written digits (1,797 images, 10 classes), resized with

@@ -75,7 +75,7 @@ def evaluate(
         where = ".".join(str(p) for p in first["loc"])
         fail(f"--{where.replace('_', '-')}: {first['msg']}")
     from search.evaluators.datasets import DataError, resolve_source
-    from service.worker import WorkerError, load_data_sources
+    from service.worker.config import WorkerError, load_data_sources
 
     try:  # configuration errors first, before the heavy imports
         sources = load_data_sources(data_sources)  # the same reader a worker uses
