@@ -78,11 +78,17 @@ def fake_outcome(task: dict[str, Any], seconds: float = 0.5) -> dict[str, Any]:
 
 
 class HttpWorker:
-    """A worker that speaks the protocol over a (Test)Client."""
+    """A test worker: the real worker client (``service.worker.client.ApiClient``) and the
+    protocol's own models (``service.protocol``) over any httpx client, such as the app's
+    TestClient. The calls a test checks return the raw answer so that it can assert the
+    status code."""
 
     def __init__(self, http, headers: dict[str, str], target: str, name: str = "w1",
                  runtimes: list[str] | None = None) -> None:
-        self.http = http
+        from service.worker.client import ApiClient
+
+        token = headers["Authorization"].removeprefix("Bearer ")
+        self.api = ApiClient(str(http.base_url), token, http=http)
         self.headers = headers
         self.target = target
         self.name = name
@@ -91,52 +97,69 @@ class HttpWorker:
         self.worker_id: str | None = None
 
     def register(self) -> dict[str, Any]:
-        r = self.http.post("/v1/workers/register", headers=self.headers, json={
-            "target": self.target, "name": self.name, "device": "cpu",
-            "runtimes": self.runtimes, "fingerprint": {"cpu": "test"},
-        })
+        from service.protocol import REGISTER_PATH, WorkerRegister
+
+        r = self.api.send(REGISTER_PATH, WorkerRegister(
+            target=self.target, name=self.name, device="cpu", runtimes=self.runtimes,
+            fingerprint={"cpu": "test"}))
         assert r.status_code == 200, r.text
         self.worker_id = r.json()["worker_id"]
         return r.json()
 
     def lease(self, wait_s: float = 0.0):
-        r = self.http.post("/v1/tasks/lease", headers=self.headers, json={
-            "worker_id": self.worker_id, "target": self.target, "wait_s": wait_s})
+        from service.protocol import LEASE_PATH, LeaseRequest
+
+        r = self.api.send(LEASE_PATH, LeaseRequest(worker_id=self.worker_id,
+                                                   target=self.target, wait_s=wait_s))
         if r.status_code == 204:
             return None
         assert r.status_code == 200, r.text
         return r.json()
 
+    def _on_lease(self, lease: dict[str, Any], action: str, body):
+        from service.protocol import task_path
+
+        return self.api.send(task_path(lease["task_id"], action), body)
+
     def heartbeat(self, lease: dict[str, Any]):
-        return self.http.post(f"/v1/tasks/{lease['task_id']}/heartbeat", headers=self.headers,
-                              json={"lease_token": lease["lease_token"]})
+        from service.protocol import LeaseTokenIn
+
+        return self._on_lease(lease, "heartbeat", LeaseTokenIn(lease_token=lease["lease_token"]))
 
     def result(self, lease: dict[str, Any], outcome: dict[str, Any] | None = None):
+        from service.protocol import ResultIn
+
         outcome = outcome if outcome is not None else fake_outcome(lease["task"])
-        return self.http.post(f"/v1/tasks/{lease['task_id']}/result", headers=self.headers,
-                              json={"lease_token": lease["lease_token"], "outcome": outcome})
+        return self._on_lease(lease, "result",
+                              ResultIn(lease_token=lease["lease_token"], outcome=outcome))
 
     def fail(self, lease: dict[str, Any], reason: str = "crashed", message: str = "boom"):
-        return self.http.post(f"/v1/tasks/{lease['task_id']}/fail", headers=self.headers,
-                              json={"lease_token": lease["lease_token"], "reason": reason,
-                                    "message": message})
+        from service.protocol import FailIn
+
+        return self._on_lease(lease, "fail", FailIn(lease_token=lease["lease_token"],
+                                                    reason=reason, message=message))
 
     def release(self, lease: dict[str, Any]):
-        return self.http.post(f"/v1/tasks/{lease['task_id']}/release", headers=self.headers,
-                              json={"lease_token": lease["lease_token"]})
+        from service.protocol import LeaseTokenIn
+
+        return self._on_lease(lease, "release", LeaseTokenIn(lease_token=lease["lease_token"]))
 
     def idle_heartbeat(self):
-        return self.http.post(f"/v1/workers/{self.worker_id}/heartbeat", headers=self.headers,
-                              json={})
+        from service.protocol import worker_heartbeat_path
+
+        return self.api.send(worker_heartbeat_path(self.worker_id))
 
     def work_all(self, max_tasks: int = 1000) -> int:
-        """Lease and report until nothing is queued; returns tasks done."""
+        """Lease and report until nothing is queued, through the worker client's own
+        calls (a refused report raises); returns tasks done."""
+        from search.evaluators.types import EvalOutcome
+
         n = 0
         while n < max_tasks:
-            lease = self.lease()
+            lease = self.api.lease(self.worker_id, self.target, 0.0)
             if lease is None:
                 return n
-            r = self.result(lease)
-            assert r.status_code == 200, r.text
+            outcome = EvalOutcome.model_validate(fake_outcome(lease.task))
+            assert self.api.result(lease.task_id, lease.lease_token, outcome).accepted
             n += 1
         return n

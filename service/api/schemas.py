@@ -1,26 +1,21 @@
-"""Request and response models of the REST API (with OpenAPI examples)."""
+"""Request and response models of the user-facing REST API (with OpenAPI examples). The
+worker protocol's models are in ``service/protocol.py``, shared with the worker."""
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from search.evaluators.types import EvalOutcome, MeasureSettings, QualitySettings, Signal
+from search.evaluators.types import MeasureSettings, QualitySettings, Signal
 from search.space import DesignSpace
 from search.study import Budgets
-
-TargetName = Annotated[
-    str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", examples=["cpu-x86-4t"])
-]
+from service.protocol import In as _In
+from service.protocol import TargetName
 
 JobStatus = Literal["queued", "running", "completed", "cancelled", "failed"]
 ExportFormat = Literal["json", "pytorch", "torchscript", "onnx"]
-
-
-class _In(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 # ---- jobs ------------------------------------------------------------------------------------
@@ -205,35 +200,6 @@ class TargetOut(BaseModel):
     leased_tasks: int = 0
 
 
-class WorkerRegister(_In):
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={
-            "examples": [
-                {
-                    "target": "cpu-x86-4t",
-                    "name": "bench-01",
-                    "device": "cpu",
-                    "runtimes": ["eager", "torchscript", "onnxruntime"],
-                    "fingerprint": {"cpu": "AMD EPYC 7B13", "cores": 4, "torch": "2.4.0"},
-                }
-            ]
-        },
-    )
-
-    target: TargetName
-    name: str = Field(min_length=1, max_length=200)
-    device: str = Field("cpu", max_length=64)
-    runtimes: list[str] = Field(default_factory=list, max_length=16)
-    fingerprint: dict[str, Any] = Field(default_factory=dict)
-
-
-class WorkerRegistered(BaseModel):
-    worker_id: str
-    heartbeat_interval_s: float
-    lease_timeout_s: float
-
-
 class WorkerOut(BaseModel):
     id: str
     target: str
@@ -248,66 +214,3 @@ class WorkerOut(BaseModel):
 
 class WorkerPage(Page):
     items: list[WorkerOut]
-
-
-# ---- the task protocol ---------------------------------------------------------------------
-
-
-class LeaseRequest(_In):
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={"examples": [{"worker_id": "a1b2c3d4e5f60718",
-                                         "target": "cpu-x86-4t", "wait_s": 20}]},
-    )
-
-    worker_id: str = Field(min_length=1, max_length=32)
-    target: TargetName
-    wait_s: float = Field(0.0, ge=0, le=30, description="long poll: wait up to this long")
-
-
-class LeaseOut(BaseModel):
-    task_id: str
-    lease_token: str
-    lease_expires_at: datetime
-    attempt: int
-    job_id: str
-    trial_number: int
-    task: dict[str, Any] = Field(description="an EvalTask (search.evaluators.types)")
-
-
-class LeaseTokenIn(_In):
-    lease_token: str = Field(min_length=1, max_length=200)
-
-
-class HeartbeatOut(BaseModel):
-    lease_expires_at: datetime
-
-
-class ResultIn(_In):
-    lease_token: str = Field(min_length=1, max_length=200)
-    outcome: EvalOutcome
-
-
-class ResultOut(BaseModel):
-    accepted: bool
-    duplicate: bool = False
-
-
-class FailIn(_In):
-    lease_token: str = Field(min_length=1, max_length=200)
-    reason: str = Field(max_length=100, examples=["crashed"])
-    message: str = Field("", max_length=10_000)
-
-
-class FailOut(BaseModel):
-    requeued: bool
-    attempts_used: int
-    max_attempts: int
-
-
-class ReleaseOut(BaseModel):
-    requeued: bool = True
-
-
-class Status(BaseModel):
-    status: str

@@ -9,11 +9,29 @@ from __future__ import annotations
 
 import json
 import random
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
+from pydantic import BaseModel, ValidationError
 
 from search.evaluators.types import EvalOutcome
+from service.protocol import (
+    LEASE_PATH,
+    REGISTER_PATH,
+    FailIn,
+    FailOut,
+    HeartbeatOut,
+    LeaseOut,
+    LeaseRequest,
+    LeaseTokenIn,
+    ReleaseOut,
+    ResultIn,
+    ResultOut,
+    WorkerRegister,
+    WorkerRegistered,
+    task_path,
+    worker_heartbeat_path,
+)
 from service.worker.config import WorkerError
 
 # Transient server answers: retried with backoff like a refused connection.
@@ -94,7 +112,11 @@ def _detail(resp: httpx.Response) -> str:
 
 
 class ApiClient:
-    """The worker's side of the worker <-> API protocol. One instance per thread."""
+    """The worker's side of the worker <-> API protocol. One instance per thread.
+
+    Bodies are built and answers read with the models of ``service/protocol.py``, the
+    same ones the API validates with. ``http`` lets a caller bring its own httpx client
+    (the tests pass the app's TestClient); by default the client makes one."""
 
     def __init__(
         self,
@@ -103,35 +125,41 @@ class ApiClient:
         *,
         timeout_s: float = 30.0,
         transport: httpx.BaseTransport | None = None,
+        http: httpx.Client | None = None,
     ) -> None:
         self.server = server.rstrip("/")
         self.timeout_s = timeout_s
-        self._http = httpx.Client(
+        self._headers = {"Authorization": f"Bearer {token}", "User-Agent": "fitnas-worker"}
+        self._own_http = http is None
+        self._http = http or httpx.Client(
             base_url=self.server,
-            headers={"Authorization": f"Bearer {token}", "User-Agent": "fitnas-worker"},
             timeout=httpx.Timeout(timeout_s, connect=min(5.0, timeout_s)),
             transport=transport,
         )
 
     def close(self) -> None:
-        self._http.close()
+        if self._own_http:
+            self._http.close()
 
-    def _post(
-        self, path: str, body: dict[str, Any] | None = None, *, read_timeout: float | None = None
+    def send(
+        self, path: str, body: BaseModel | None = None, *, read_timeout: float | None = None
     ) -> httpx.Response:
-        timeout = None
-        if read_timeout is not None:
-            timeout = httpx.Timeout(read_timeout, connect=min(5.0, self.timeout_s))
+        """One protocol request; the answer as it came (no status handling). Only an
+        unreachable API raises (:class:`ApiUnavailable`)."""
+        payload = body.model_dump(mode="json") if body is not None else {}
+        extra: dict[str, Any] = {}
+        if read_timeout is not None and self._own_http:  # a given client keeps its own
+            extra["timeout"] = httpx.Timeout(read_timeout, connect=min(5.0, self.timeout_s))
         try:
-            if timeout is None:
-                resp = self._http.post(path, json=body if body is not None else {})
-            else:
-                resp = self._http.post(
-                    path, json=body if body is not None else {}, timeout=timeout
-                )
+            return self._http.post(path, json=payload, headers=self._headers, **extra)
         except httpx.TransportError as exc:
             raise ApiUnavailable(f"{type(exc).__name__}: {exc}" if str(exc) else
                                  type(exc).__name__) from exc
+
+    def _post(
+        self, path: str, body: BaseModel | None = None, *, read_timeout: float | None = None
+    ) -> httpx.Response:
+        resp = self.send(path, body, read_timeout=read_timeout)
         code = resp.status_code
         if code in (200, 201, 204):
             return resp
@@ -140,7 +168,7 @@ class ApiClient:
         if code == 409:
             raise LeaseLost(_detail(resp))
         if code == 404:
-            if path.startswith("/v1/workers/") or path == "/v1/tasks/lease":
+            if path.startswith("/v1/workers/") or path == LEASE_PATH:
                 # the API does not know this worker (its database was reset): register again
                 raise UnknownWorker(_detail(resp))
             if path.startswith("/v1/tasks/"):
@@ -152,45 +180,60 @@ class ApiClient:
 
     def register(
         self, target: str, name: str, device: str, runtimes: list[str], fingerprint: dict
-    ) -> dict[str, Any]:
-        return self._post(
-            "/v1/workers/register",
-            {
-                "target": target,
-                "name": name,
-                "device": device,
-                "runtimes": runtimes,
-                "fingerprint": fingerprint,
-            },
-        ).json()
+    ) -> WorkerRegistered:
+        body = _body(REGISTER_PATH, WorkerRegister, target=target, name=name, device=device,
+                     runtimes=runtimes, fingerprint=fingerprint)
+        return _answer(REGISTER_PATH, WorkerRegistered, self._post(REGISTER_PATH, body))
 
-    def lease(self, worker_id: str, target: str, wait_s: float) -> dict[str, Any] | None:
-        resp = self._post(
-            "/v1/tasks/lease",
-            {"worker_id": worker_id, "target": target, "wait_s": wait_s},
-            read_timeout=wait_s + self.timeout_s,
-        )
+    def lease(self, worker_id: str, target: str, wait_s: float) -> LeaseOut | None:
+        body = _body(LEASE_PATH, LeaseRequest, worker_id=worker_id, target=target,
+                     wait_s=wait_s)
+        resp = self._post(LEASE_PATH, body, read_timeout=wait_s + self.timeout_s)
         if resp.status_code == 204 or not resp.content:
             return None
-        return resp.json()
+        return _answer(LEASE_PATH, LeaseOut, resp)
 
-    def heartbeat(self, task_id: str, lease_token: str) -> dict[str, Any]:
-        return self._post(f"/v1/tasks/{task_id}/heartbeat", {"lease_token": lease_token}).json()
+    def heartbeat(self, task_id: str, lease_token: str) -> HeartbeatOut:
+        path = task_path(task_id, "heartbeat")
+        body = _body(path, LeaseTokenIn, lease_token=lease_token)
+        return _answer(path, HeartbeatOut, self._post(path, body))
 
-    def result(self, task_id: str, lease_token: str, outcome: EvalOutcome) -> dict[str, Any]:
-        return self._post(
-            f"/v1/tasks/{task_id}/result",
-            {"lease_token": lease_token, "outcome": outcome.model_dump(mode="json")},
-        ).json()
+    def result(self, task_id: str, lease_token: str, outcome: EvalOutcome) -> ResultOut:
+        path = task_path(task_id, "result")
+        body = _body(path, ResultIn, lease_token=lease_token, outcome=outcome)
+        return _answer(path, ResultOut, self._post(path, body))
 
-    def fail(self, task_id: str, lease_token: str, reason: str, message: str) -> None:
-        self._post(
-            f"/v1/tasks/{task_id}/fail",
-            {"lease_token": lease_token, "reason": reason, "message": message[:2000]},
-        )
+    def fail(self, task_id: str, lease_token: str, reason: str, message: str) -> FailOut:
+        path = task_path(task_id, "fail")
+        body = _body(path, FailIn, lease_token=lease_token, reason=reason,
+                     message=message[:2000])
+        return _answer(path, FailOut, self._post(path, body))
 
-    def release(self, task_id: str, lease_token: str) -> None:
-        self._post(f"/v1/tasks/{task_id}/release", {"lease_token": lease_token})
+    def release(self, task_id: str, lease_token: str) -> ReleaseOut:
+        path = task_path(task_id, "release")
+        body = _body(path, LeaseTokenIn, lease_token=lease_token)
+        return _answer(path, ReleaseOut, self._post(path, body))
 
     def worker_heartbeat(self, worker_id: str) -> None:
-        self._post(f"/v1/workers/{worker_id}/heartbeat", {})
+        self._post(worker_heartbeat_path(worker_id))
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _body(path: str, model: type[M], **fields: Any) -> M:
+    """A request body; one that does not validate here would not validate at the API
+    either, so it is a :class:`ProtocolError` (one line), not a traceback."""
+    try:
+        return model(**fields)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        raise ProtocolError(f"{path}: invalid request: {loc}: {err['msg']}") from exc
+
+
+def _answer(path: str, model: type[M], resp: httpx.Response) -> M:
+    try:
+        return model.model_validate(resp.json())
+    except ValueError as exc:  # not JSON, or not the protocol's answer
+        raise ProtocolError(f"{path}: unexpected answer: {str(exc).splitlines()[0]}") from exc

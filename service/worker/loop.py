@@ -30,6 +30,7 @@ import httpx
 from pydantic import ValidationError
 
 from search.evaluators.types import EvalOutcome, EvalTask
+from service.protocol import LeaseOut
 from service.worker.client import (
     ApiClient,
     ApiUnavailable,
@@ -241,9 +242,9 @@ class Worker:
                 continue
             except ProtocolError as exc:
                 raise WorkerError(f"registration refused: {exc}") from exc
-            self.worker_id = str(info["worker_id"])
-            self.heartbeat_interval_s = float(info.get("heartbeat_interval_s", 10.0))
-            self.lease_timeout_s = float(info.get("lease_timeout_s", 60.0))
+            self.worker_id = info.worker_id
+            self.heartbeat_interval_s = info.heartbeat_interval_s
+            self.lease_timeout_s = info.lease_timeout_s
             self.stats.registrations += 1
             self._last_idle_beat = time.monotonic()
             log.info(
@@ -254,7 +255,7 @@ class Worker:
             return True
         return False
 
-    def _poll(self) -> dict[str, Any] | None:
+    def _poll(self) -> LeaseOut | None:
         assert self.worker_id is not None
         backoff = self._poll_backoff
         try:
@@ -281,15 +282,15 @@ class Worker:
             return None
         if self._stop.is_set():
             # leased while we were told to stop: hand it straight back
-            self._release(str(lease["task_id"]), str(lease["lease_token"]))
+            self._release(lease.task_id, lease.lease_token)
             return None
         return lease
 
-    def _handle(self, lease: dict[str, Any]) -> None:
-        task_id, token = str(lease["task_id"]), str(lease["lease_token"])
+    def _handle(self, lease: LeaseOut) -> None:
+        task_id, token = lease.task_id, lease.lease_token
         self.stats.leased += 1
         try:
-            task = EvalTask.model_validate(lease["task"])
+            task = EvalTask.model_validate(lease.task)
         except (ValidationError, KeyError, TypeError) as exc:
             self._fail(task_id, token, "invalid_spec", f"task does not validate: {exc}")
             return
@@ -298,7 +299,7 @@ class Worker:
             self._fail(task_id, token, "unsupported", fitted)
             return
         task = fitted
-        log.info("task %s (attempt %s): evaluating", task_id, lease.get("attempt", "?"))
+        log.info("task %s (attempt %s): evaluating", task_id, lease.attempt)
 
         lost = threading.Event()
         keeper = LeaseKeeper(self._hb_api, task_id, token, self.heartbeat_interval_s, lost)
@@ -408,7 +409,7 @@ class Worker:
                 log.error("task %s: result refused (%s)", task_id, exc)
                 self._fail(task_id, token, "runtime_error", f"result refused: {exc}")
                 return
-            if answer.get("duplicate"):
+            if answer.duplicate:
                 self.stats.duplicates += 1
                 log.info("task %s: already reported (duplicate ignored by the API)", task_id)
             else:

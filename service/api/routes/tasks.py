@@ -15,7 +15,9 @@ from starlette.concurrency import run_in_threadpool
 from service import leases
 from service.api.deps import WorkerPrincipal, check_target, get_db, require_worker
 from service.api.routes.workers import load_worker
-from service.api.schemas import (
+from service.db import Database, utcnow
+from service.models import Worker
+from service.protocol import (
     FailIn,
     FailOut,
     HeartbeatOut,
@@ -26,8 +28,6 @@ from service.api.schemas import (
     ResultIn,
     ResultOut,
 )
-from service.db import Database, utcnow
-from service.models import Worker
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks (workers)"])
 

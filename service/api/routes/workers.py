@@ -17,17 +17,11 @@ from service.api.deps import (
     require_user,
     require_worker,
 )
-from service.api.schemas import (
-    Status,
-    TargetCreate,
-    TargetOut,
-    WorkerPage,
-    WorkerRegister,
-    WorkerRegistered,
-)
+from service.api.schemas import TargetCreate, TargetOut, WorkerPage
 from service.db import Database, new_id, utcnow
 from service.leases import live_workers
 from service.models import Target, Task, Worker
+from service.protocol import Status, WorkerRegister, WorkerRegistered
 
 router = APIRouter(prefix="/v1", tags=["targets and workers"])
 
