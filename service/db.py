@@ -24,13 +24,15 @@ import secrets
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, TypeVar
 
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+
+from service.clock import utcnow as utcnow  # the service's clock seam, re-exported
 
 log = logging.getLogger("fitnas.db")
 
@@ -42,10 +44,6 @@ _IMMEDIATE: contextvars.ContextVar[bool] = contextvars.ContextVar(
 
 _LOCKED_MESSAGES = ("database is locked", "database is busy", "database table is locked")
 _RETRY_SQLSTATES = {"40001", "40P01"}  # serialization_failure, deadlock_detected
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def new_id() -> str:

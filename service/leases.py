@@ -1,4 +1,6 @@
-"""The task lease protocol, as database operations (the HTTP layer is service/api/routes/tasks.py).
+"""Every write to the task table: the lease protocol (the HTTP layer is
+service/api/routes/tasks.py), queueing a trial's task, cancelling a job's tasks and
+marking them told. The states are ``TaskState`` (service/states.py).
 
 Every state change is one short transaction around a conditional ``UPDATE ... WHERE
 state = ... AND lease_token_hash = ...``: whoever's UPDATE matches wins, on SQLite and on
@@ -24,6 +26,7 @@ from sqlalchemy.orm import Session
 from search.evaluators.types import FailureReason
 from service.db import Database, utcnow
 from service.models import Job, Task, Worker
+from service.states import JobStatus, TaskState, sources
 from service.tokens import hash_token
 
 FAILURE_REASONS = set(get_args(FailureReason))
@@ -71,7 +74,8 @@ def queued_candidates(s: Session, target: str, runtimes: list[str] | None, limit
     q = (
         select(Task.id)
         .join(Job, Job.id == Task.job_id)
-        .where(Task.target == target, Task.state == "queued", Job.status == "running")
+        .where(Task.target == target, Task.state == TaskState.QUEUED,
+               Job.status == JobStatus.RUNNING)
         .order_by(Task.created_at, Task.id)
         .limit(limit)
     )
@@ -100,9 +104,9 @@ def lease_one(
             token = _new_lease_token()
             rc = s.execute(
                 update(Task)
-                .where(Task.id == task_id, Task.state == "queued")
+                .where(Task.id == task_id, Task.state == TaskState.QUEUED)
                 .values(
-                    state="leased",
+                    state=TaskState.LEASED,
                     lease_token_hash=hash_token(token),
                     lease_expires_at=expires,
                     leased_at=now,
@@ -138,13 +142,13 @@ def _load(s: Session, task_id: str, target: str) -> Task:
 
 
 def _stale_message(row: Task) -> str:
-    if row.state == "cancelled":
+    if row.state == TaskState.CANCELLED:
         return "task cancelled: its job was cancelled"
-    if row.state == "queued":
+    if row.state == TaskState.QUEUED:
         return "lease expired; the task was re-queued"
-    if row.state == "done":
+    if row.state == TaskState.DONE:
         return "task already done"
-    if row.state == "failed":
+    if row.state == TaskState.FAILED:
         return "task failed for good (attempts exhausted)"
     return "lease token is not the task's current lease (it expired and was leased again)"
 
@@ -155,7 +159,8 @@ def _update_held(s: Session, row: Task, token_hash: str, **values: Any) -> int:
     the row is refreshed either way."""
     rc = s.execute(
         update(Task)
-        .where(Task.id == row.id, Task.state == "leased", Task.lease_token_hash == token_hash)
+        .where(Task.id == row.id, Task.state == TaskState.LEASED,
+               Task.lease_token_hash == token_hash)
         .values(**values)
     ).rowcount
     s.refresh(row)
@@ -195,13 +200,14 @@ def submit_result(
     def op(s: Session) -> tuple[bool, Task]:
         now = utcnow()
         row = _load(s, task_id, target)
-        if _update_held(s, row, th, state="done", outcome=outcome, finished_at=now) == 1:
+        done = {"state": TaskState.DONE, "outcome": outcome, "finished_at": now}
+        if _update_held(s, row, th, **done) == 1:
             if row.worker_id:
                 s.execute(
                     update(Worker).where(Worker.id == row.worker_id).values(last_heartbeat_at=now)
                 )
             return True, row
-        if row.state == "done" and row.lease_token_hash == th:
+        if row.state == TaskState.DONE and row.lease_token_hash == th:
             return False, row
         raise StaleLease(_stale_message(row))
 
@@ -224,7 +230,7 @@ def _attempt_spent(used: int, give_up: bool, error: dict, now: datetime) -> dict
         "lease_token_hash": None,
         "lease_expires_at": None,
         "last_error": error,
-        "state": "failed" if give_up else "queued",
+        "state": TaskState.FAILED if give_up else TaskState.QUEUED,
     }
     if give_up:
         values["finished_at"] = now
@@ -247,7 +253,7 @@ def fail_task(
     def op(s: Session) -> Task:
         now = utcnow()
         row = _load(s, task_id, target)
-        if row.state != "leased" or row.lease_token_hash != th:
+        if row.state != TaskState.LEASED or row.lease_token_hash != th:
             raise StaleLease(_stale_message(row))
         used = row.attempts_used + 1
         give_up = used >= max_attempts
@@ -262,7 +268,7 @@ def release_task(db: Database, task_id: str, target: str, token: str) -> Task:
     th = hash_token(token)
 
     def op(s: Session) -> Task:
-        return _require_held(s, _load(s, task_id, target), th, state="queued",
+        return _require_held(s, _load(s, task_id, target), th, state=TaskState.QUEUED,
                              lease_token_hash=None, lease_expires_at=None)
 
     return db.run(op)
@@ -275,7 +281,7 @@ def reap_expired(db: Database, max_attempts: int, limit: int = 500) -> list[Reap
     def find(s: Session):
         return s.execute(
             select(Task.id, Task.job_id, Task.target, Task.attempts_used, Task.worker_id)
-            .where(Task.state == "leased", Task.lease_expires_at < now)
+            .where(Task.state == TaskState.LEASED, Task.lease_expires_at < now)
             .limit(limit)
         ).all()
 
@@ -296,7 +302,8 @@ def reap_expired(db: Database, max_attempts: int, limit: int = 500) -> list[Reap
             values = _attempt_spent(used, give_up, error, now)
             rc = s.execute(
                 update(Task)
-                .where(Task.id == r.id, Task.state == "leased", Task.lease_expires_at < now)
+                .where(Task.id == r.id, Task.state == TaskState.LEASED,
+                       Task.lease_expires_at < now)
                 .values(**values)
             ).rowcount
             if rc == 1:
@@ -306,13 +313,39 @@ def reap_expired(db: Database, max_attempts: int, limit: int = 500) -> list[Reap
     return db.run(op)
 
 
-def cancel_job_tasks(s: Session, job_id: str) -> int:
+def cancel_job_tasks(s: Session, job_id: str, now: datetime | None = None) -> int:
+    """Cancel a job's tasks that are still queued or leased (the job was cancelled or
+    failed): a worker holding one gets 409 on its next call."""
     return s.execute(
         update(Task)
-        .where(Task.job_id == job_id, Task.state.in_(("queued", "leased")))
-        .values(state="cancelled", lease_token_hash=None, lease_expires_at=None,
-                finished_at=utcnow())
+        .where(Task.job_id == job_id, Task.state.in_(sources(TaskState.CANCELLED)))
+        .values(state=TaskState.CANCELLED, lease_token_hash=None, lease_expires_at=None,
+                finished_at=now or utcnow())
     ).rowcount
+
+
+def enqueue(s: Session, row: Task) -> None:
+    """Queue a trial's measurement task (the scheduler, while it holds the job's lock)."""
+    row.state = TaskState.QUEUED
+    row.attempts_used = 0
+    s.add(row)
+
+
+def mark_told(s: Session, task_ids: list[str], now: datetime) -> None:
+    """The scheduler told Optuna these tasks' outcomes."""
+    s.execute(update(Task).where(Task.id.in_(task_ids)).values(told_at=now))
+
+
+def mark_cancelled_told(s: Session, job_id: str, now: datetime) -> None:
+    """A cancelled job's tasks: cancel any queued after the cancel, and mark them all
+    told (a cancelled task has nothing to tell)."""
+    cancel_job_tasks(s, job_id, now)
+    s.execute(
+        update(Task)
+        .where(Task.job_id == job_id, Task.told_at.is_(None),
+               Task.state == TaskState.CANCELLED)
+        .values(told_at=now)
+    )
 
 
 def live_workers(s: Session, worker_timeout_s: float, target: str | None = None):
@@ -345,10 +378,13 @@ __all__ = [
     "TaskNotFound",
     "WrongTarget",
     "cancel_job_tasks",
+    "enqueue",
     "fail_task",
     "heartbeat",
     "lease_one",
     "live_workers",
+    "mark_cancelled_told",
+    "mark_told",
     "reap_expired",
     "release_task",
     "submit_result",

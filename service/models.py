@@ -2,15 +2,8 @@
 (and its ``alembic_version``) can live in the same database; our Alembic version table is
 ``fitnas_alembic_version``.
 
-State machines:
-
-* job: ``queued`` (created) -> ``running`` (study opened by the scheduler) ->
-  ``completed`` (N trials finished) | ``cancelled`` (by its owner) | ``failed`` (the
-  scheduler could not drive it; ``error`` says why). ``finalized_at`` is set once the
-  Pareto set and the winner are stored.
-* task: ``queued`` -> ``leased`` -> ``done`` (result stored) | back to ``queued`` (lease
-  expired, worker failure or release) | ``failed`` (attempts exhausted) | ``cancelled``
-  (job cancelled). ``told_at`` is set once the scheduler has told Optuna.
+A job's ``status`` and a task's ``state`` hold the values of ``JobStatus`` and
+``TaskState``; their state machines are described in ``service/states.py``.
 """
 
 from __future__ import annotations
@@ -32,12 +25,12 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from service import clock
+from service.states import JobStatus, TaskState
+
 PREFIX = "fitnas_"
 VERSION_TABLE = "fitnas_alembic_version"
 
-JOB_STATUSES = ("queued", "running", "completed", "cancelled", "failed")
-ACTIVE_JOB_STATUSES = ("queued", "running")
-TASK_STATES = ("queued", "leased", "done", "failed", "cancelled")
 
 NAMING = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -69,7 +62,7 @@ class UTCDateTime(TypeDecorator):
 
 
 def _now() -> datetime:
-    return datetime.now(UTC)
+    return clock.utcnow()
 
 
 class Base(DeclarativeBase):
@@ -142,7 +135,7 @@ class Job(Base):
     owner: Mapped[str] = mapped_column(String(100))
     name: Mapped[str | None] = mapped_column(String(200), default=None)
     target: Mapped[str] = mapped_column(ForeignKey("fitnas_targets.name"))
-    status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED, index=True)
     config: Mapped[dict[str, Any]] = mapped_column()
     trials: Mapped[int] = mapped_column(Integer)
     parallelism: Mapped[int] = mapped_column(Integer)
@@ -179,7 +172,7 @@ class Task(Base):
     trial_number: Mapped[int] = mapped_column(Integer)
     target: Mapped[str] = mapped_column(ForeignKey("fitnas_targets.name"))
     runtime: Mapped[str] = mapped_column(String(32), default="eager")
-    state: Mapped[str] = mapped_column(String(16), default="queued")
+    state: Mapped[str] = mapped_column(String(16), default=TaskState.QUEUED)
     task: Mapped[dict[str, Any]] = mapped_column()
     cache_key: Mapped[str] = mapped_column(String(64))
     attempts_used: Mapped[int] = mapped_column(Integer, default=0)

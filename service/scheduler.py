@@ -38,10 +38,12 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from search.evaluators.types import EvalOutcome, Failure
+from service import jobs, leases
 from service.cache import DBMeasurementCache
 from service.db import Database, new_id, utcnow
 from service.leases import Reaped, live_workers, reap_expired
 from service.models import Job, Task
+from service.states import ACTIVE_JOB, FINISHED, IN_FLIGHT, JobStatus, TaskState
 from service.studies import get_storage, is_feasible, load_study, summarize
 
 log = logging.getLogger("fitnas.scheduler")
@@ -142,8 +144,8 @@ class Scheduler:
                     select(Job.id)
                     .where(
                         or_(
-                            Job.status.in_(("queued", "running")),
-                            (Job.status == "cancelled") & Job.finalized_at.is_(None),
+                            Job.status.in_(ACTIVE_JOB),
+                            (Job.status == JobStatus.CANCELLED) & Job.finalized_at.is_(None),
                         )
                     )
                     .order_by(Job.created_at)
@@ -194,7 +196,7 @@ class Scheduler:
         expires = utcnow() + timedelta(seconds=self.settings.scheduler_lock_s)
         cond = [Job.id == job_id, Job.lock_owner == self.owner]
         if running:
-            cond.append(Job.status == "running")
+            cond.append(Job.status == JobStatus.RUNNING)
         rc = s.execute(update(Job).where(*cond).values(lock_expires_at=expires)).rowcount
         if rc != 1:
             raise LockLost(job_id)
@@ -215,20 +217,7 @@ class Scheduler:
         now = utcnow()
 
         def op(s: Session) -> None:
-            values: dict[str, Any] = {"error": msg[:4000], "updated_at": now}
-            if fatal:
-                values.update(status="failed", finished_at=now)
-            s.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.status.in_(("queued", "running")))
-                .values(**values)
-            )
-            if fatal:
-                s.execute(
-                    update(Task)
-                    .where(Task.job_id == job_id, Task.state.in_(("queued", "leased")))
-                    .values(state="cancelled", lease_token_hash=None, lease_expires_at=None)
-                )
+            jobs.record_error(s, job_id, msg[:4000], now, fatal=fatal)
 
         try:
             self.db.run(op)
@@ -269,7 +258,7 @@ class Scheduler:
         if job is None:
             return tick
         if (
-            job.status == "cancelled"
+            job.status == JobStatus.CANCELLED
             and job.started_at is None
             and load_study(self.optuna_url, job.study_name) is None
         ):
@@ -278,19 +267,15 @@ class Scheduler:
             self._finalize(job, None, tick)
             return tick
         driver = self._driver(job)
-        if job.status == "queued":
+        if job.status == JobStatus.QUEUED:
             now = utcnow()
 
             def start(s: Session) -> None:
                 self._renew(s, job_id)
-                s.execute(
-                    update(Job)
-                    .where(Job.id == job_id, Job.status == "queued")
-                    .values(status="running", started_at=now, updated_at=now)
-                )
+                jobs.start(s, job_id, now)
 
             self.db.run(start)
-            job.status = "running"
+            job.status = JobStatus.RUNNING
 
         tick.told = self._tell_finished(job, driver)
 
@@ -299,7 +284,7 @@ class Scheduler:
         trials = driver.trials()
         running = {t.number for t in trials if t.state == TrialState.RUNNING}
         owned = self._owned_trials(job_id)
-        if job.status == "cancelled":
+        if job.status == JobStatus.CANCELLED:
             stale = sorted(running)
             message = "the job was cancelled"
         else:
@@ -309,7 +294,7 @@ class Scheduler:
             failed = driver.fail_stale(stale, reason="interrupted", message=message)
             tick.stale_failed = len(failed)
             self._count("interrupted", job.target, len(failed))
-        if job.status == "cancelled":
+        if job.status == JobStatus.CANCELLED:
             self._mark_cancelled_told(job_id)
             self._finalize(job, driver, tick)
             return tick
@@ -342,7 +327,7 @@ class Scheduler:
                     .where(
                         Task.job_id == job.id,
                         Task.told_at.is_(None),
-                        Task.state.in_(("done", "failed")),
+                        Task.state.in_(FINISHED),
                     )
                     .order_by(Task.finished_at, Task.trial_number)
                 ).scalars()
@@ -357,31 +342,16 @@ class Scheduler:
             driver.tell(row.trial_number, outcome)
             told_ids.append(row.id)
             self._count("measured" if outcome.ok else "failed", job.target)
-            if self.metrics is not None and row.state == "done":
+            if self.metrics is not None and row.state == TaskState.DONE:
                 self.metrics.measurement_seconds.labels(job.target).observe(outcome.seconds)
         now = utcnow()
 
-        def mark(s: Session) -> None:
-            s.execute(update(Task).where(Task.id.in_(told_ids)).values(told_at=now))
-
-        self.db.run(mark)
+        self.db.run(lambda s: leases.mark_told(s, told_ids, now))
         return len(told_ids)
 
     def _mark_cancelled_told(self, job_id: str) -> None:
-        from service.leases import cancel_job_tasks
-
         now = utcnow()
-
-        def op(s: Session) -> None:
-            cancel_job_tasks(s, job_id)  # anything queued after the cancel
-            s.execute(
-                update(Task)
-                .where(Task.job_id == job_id, Task.told_at.is_(None),
-                       Task.state == "cancelled")
-                .values(told_at=now)
-            )
-
-        self.db.run(op)
+        self.db.run(lambda s: leases.mark_cancelled_told(s, job_id, now))
 
     def _fill(self, job: Job, driver, tick: JobTick, trials: list) -> None:
         from optuna.trial import TrialState
@@ -396,7 +366,7 @@ class Scheduler:
 
         def read(s: Session) -> tuple[int, int]:
             inflight = s.execute(
-                select(Task.id).where(Task.job_id == job.id, Task.state.in_(("queued", "leased")))
+                select(Task.id).where(Task.job_id == job.id, Task.state.in_(IN_FLIGHT))
             ).all()
             live = live_workers(s, self.settings.worker_timeout_s, job.target).get(job.target, 0)
             return len(inflight), live
@@ -442,10 +412,8 @@ class Scheduler:
             trial_number=proposal.trial_number,
             target=job.target,
             runtime=task.measure.runtime if task.measure is not None else "eager",
-            state="queued",
             task=task.model_dump(mode="json"),
             cache_key=proposal.cache_key,
-            attempts_used=0,
             created_at=utcnow(),
         )
 
@@ -453,7 +421,7 @@ class Scheduler:
             # only while the lock is ours and the job still runs: a job cancelled during
             # this tick gets no new task (the next tick finalizes it)
             self._renew(s, job.id, running=True)
-            s.add(row)
+            leases.enqueue(s, row)
 
         self.db.run(op)
 
@@ -479,7 +447,7 @@ class Scheduler:
             else None
         )
         tasks = self.db.run(lambda s: task_counts(s, job_id=job.id), write=False)
-        inflight = tasks.get("queued", 0) + tasks.get("leased", 0)
+        inflight = sum(tasks.get(state, 0) for state in IN_FLIGHT)
         progress = {
             "trials": job.trials,
             "finished": finished,
@@ -490,8 +458,8 @@ class Scheduler:
             "failed": counts.get("failed", 0),
             "interrupted": counts.get("interrupted", 0),
             "feasible": len(feasible),
-            "tasks_queued": tasks.get("queued", 0),
-            "tasks_leased": tasks.get("leased", 0),
+            "tasks_queued": tasks.get(TaskState.QUEUED, 0),
+            "tasks_leased": tasks.get(TaskState.LEASED, 0),
         }
         return progress, best, inflight
 
@@ -533,30 +501,17 @@ class Scheduler:
                 b = driver.best_feasible()
             best = summarize(b) if b is not None else None
         now = utcnow()
-        status = "cancelled" if job.status == "cancelled" else "completed"
+        results: dict[str, Any] = {"pareto": pareto, "winner": winner}
+        if best is not None:
+            results["best"] = best
+        if progress is not None:
+            results["progress"] = progress
 
-        def write(s: Session) -> None:
+        def write(s: Session) -> JobStatus:
             self._renew(s, job.id)
-            values: dict[str, Any] = {
-                "status": status,
-                "pareto": pareto,
-                "winner": winner,
-                "finalized_at": now,
-                "updated_at": now,
-            }
-            if best is not None:
-                values["best"] = best
-            if progress is not None:
-                values["progress"] = progress
-            if job.finished_at is None:
-                values["finished_at"] = now
-            s.execute(
-                update(Job)
-                .where(Job.id == job.id, Job.status.in_(("running", "queued", "cancelled")))
-                .values(**values)
-            )
+            return jobs.finalize(s, job, now, **results)
 
-        self.db.run(write)
+        status = self.db.run(write)
         self._drivers.pop(job.id, None)
         tick.finalized = True
         tick.status = status
@@ -565,7 +520,7 @@ class Scheduler:
 
 
 def _outcome_of(row: Task) -> EvalOutcome:
-    if row.state == "done" and row.outcome is not None:
+    if row.state == TaskState.DONE and row.outcome is not None:
         try:
             return EvalOutcome.model_validate(row.outcome)
         except ValueError as exc:

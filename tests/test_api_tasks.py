@@ -105,10 +105,11 @@ def test_expired_leases_are_requeued_then_fail_the_trial(make_settings, user_key
                                                          make_worker_token):
     from fastapi.testclient import TestClient
 
+    from service import clock
     from service.api.app import create_app
 
     app = create_app(make_settings(lease_timeout_s=0.4, heartbeat_interval_s=0.1))
-    with TestClient(app) as client:
+    with clock.use(clock.ManualClock()) as now, TestClient(app) as client:
         _, h = user_key
         from service.tokens import create_worker_token
 
@@ -124,7 +125,7 @@ def test_expired_leases_are_requeued_then_fail_the_trial(make_settings, user_key
             lease = worker.lease()
             assert lease is not None and lease["attempt"] == attempt
             leases.append(lease)
-            time.sleep(0.5)  # no heartbeat: the lease runs out
+            now.advance(0.5)  # no heartbeat: the lease runs out
             report = sched.tick()
             assert [r.requeued for r in report.reaped] == [attempt < 3]
             r = worker.heartbeat(lease)

@@ -27,6 +27,7 @@ from sqlalchemy import func, select
 
 from service.db import Database, utcnow
 from service.models import Job, Task, Worker
+from service.states import IN_FLIGHT, TaskState
 
 log = logging.getLogger("fitnas.metrics")
 
@@ -59,7 +60,7 @@ class _DBCollector:
             def read(s):
                 tasks = s.execute(
                     select(Task.target, Task.state, func.count())
-                    .where(Task.state.in_(("queued", "leased")))
+                    .where(Task.state.in_(IN_FLIGHT))
                     .group_by(Task.target, Task.state)
                 ).all()
                 live = s.execute(
@@ -77,7 +78,7 @@ class _DBCollector:
             yield up
             return
         for target, state, n in tasks:
-            (queue if state == "queued" else leased).add_metric([target], n)
+            (queue if state == TaskState.QUEUED else leased).add_metric([target], n)
         for target, n in live:
             workers.add_metric([target], n)
         for status, n in by_status:

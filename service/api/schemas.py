@@ -13,8 +13,8 @@ from search.space import DesignSpace
 from search.study import Budgets
 from service.protocol import In as _In
 from service.protocol import TargetName
+from service.states import JobStatus
 
-JobStatus = Literal["queued", "running", "completed", "cancelled", "failed"]
 ExportFormat = Literal["json", "pytorch", "torchscript", "onnx"]
 
 

@@ -19,20 +19,20 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from service import jobs
 from service.api.deps import User, get_db, require_user
 from service.api.schemas import (
     ExportFormat,
     JobCreate,
     JobOut,
     JobPage,
-    JobStatus,
     ParetoOut,
     TrialPage,
     WinnerOut,
 )
 from service.db import Database, new_id, utcnow
-from service.leases import cancel_job_tasks
 from service.models import Job, Target
+from service.states import JobStatus
 from service.studies import load_study, trial_view
 
 log = logging.getLogger("fitnas.api")
@@ -196,7 +196,7 @@ def create_job(
             owner=user.owner,
             name=body.name,
             target=body.target,
-            status="queued",
+            status=JobStatus.QUEUED,
             config=config.model_dump(mode="json"),
             trials=body.trials,
             parallelism=body.parallelism,
@@ -279,14 +279,7 @@ def cancel_job(
 
     def op(s: Session) -> Job:
         job = s.get(Job, job_id)
-        if job.status in ("queued", "running"):
-            now = utcnow()
-            job.status = "cancelled"
-            job.finished_at = now
-            job.updated_at = now
-            cancel_job_tasks(s, job_id)
-            s.flush()
-        elif job.status != "cancelled":
+        if not jobs.cancel(s, job, utcnow()) and job.status != JobStatus.CANCELLED:
             raise HTTPException(status.HTTP_409_CONFLICT, f"job {job_id} already {job.status}")
         return job
 

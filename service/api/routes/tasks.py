@@ -28,6 +28,7 @@ from service.protocol import (
     ResultIn,
     ResultOut,
 )
+from service.states import TaskState
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks (workers)"])
 
@@ -165,11 +166,11 @@ def task_fail(task_id: str, body: FailIn, request: Request,
     m = _metrics(request)
     if m is not None:
         m.results.labels(principal.target, "failed").inc()
-    if row.state == "failed":
+    if row.state == TaskState.FAILED:
         loop = getattr(request.app.state, "scheduler_loop", None)
         if loop is not None:
             loop.wake()
-    return {"requeued": row.state == "queued", "attempts_used": row.attempts_used,
+    return {"requeued": row.state == TaskState.QUEUED, "attempts_used": row.attempts_used,
             "max_attempts": settings.max_attempts}
 
 

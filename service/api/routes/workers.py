@@ -22,6 +22,7 @@ from service.db import Database, new_id, utcnow
 from service.leases import live_workers
 from service.models import Target, Task, Worker
 from service.protocol import Status, WorkerRegister, WorkerRegistered
+from service.states import IN_FLIGHT, TaskState
 
 router = APIRouter(prefix="/v1", tags=["targets and workers"])
 
@@ -40,7 +41,7 @@ def _target_views(s: Session, names: list[str] | None, worker_timeout_s: float) 
         (t, st): n
         for t, st, n in s.execute(
             select(Task.target, Task.state, func.count())
-            .where(Task.state.in_(("queued", "leased")))
+            .where(Task.state.in_(IN_FLIGHT))
             .group_by(Task.target, Task.state)
         ).all()
     }
@@ -50,8 +51,8 @@ def _target_views(s: Session, names: list[str] | None, worker_timeout_s: float) 
             "description": t.description,
             "created_at": t.created_at,
             "live_workers": live.get(t.name, 0),
-            "queued_tasks": tasks.get((t.name, "queued"), 0),
-            "leased_tasks": tasks.get((t.name, "leased"), 0),
+            "queued_tasks": tasks.get((t.name, TaskState.QUEUED), 0),
+            "leased_tasks": tasks.get((t.name, TaskState.LEASED), 0),
         }
         for t in targets
     ]

@@ -1,0 +1,67 @@
+"""The two state machines of the service, as enums: a job's ``status`` and a task's
+``state``. The values are the strings stored in the database and shown by the API.
+
+* job: ``queued`` (created) -> ``running`` (study opened by the scheduler) ->
+  ``completed`` (N trials finished) | ``cancelled`` (by its owner) | ``failed`` (the
+  scheduler could not drive it; ``error`` says why). ``finalized_at`` is set once the
+  Pareto set and the winner are stored. The writes are in ``service/jobs.py``.
+* task: ``queued`` -> ``leased`` -> ``done`` (result stored) | back to ``queued`` (lease
+  expired, worker failure or release) | ``failed`` (attempts exhausted) | ``cancelled``
+  (job cancelled or failed). ``told_at`` is set once the scheduler has told Optuna. The
+  writes are in ``service/leases.py``.
+
+Plain Python on purpose: the models, the API schemas and the scheduler all import it.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+
+
+class TaskState(StrEnum):
+    QUEUED = "queued"
+    LEASED = "leased"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+# A job the scheduler still drives (or may still fail).
+ACTIVE_JOB = (JobStatus.QUEUED, JobStatus.RUNNING)
+# A task that still needs a worker: it counts against the job's parallelism.
+IN_FLIGHT = (TaskState.QUEUED, TaskState.LEASED)
+# A task whose outcome the scheduler tells Optuna (a result, or failed for good).
+FINISHED = (TaskState.DONE, TaskState.FAILED)
+
+JOB_TRANSITIONS: dict[JobStatus, tuple[JobStatus, ...]] = {
+    JobStatus.QUEUED: (JobStatus.RUNNING, JobStatus.CANCELLED, JobStatus.FAILED,
+                       JobStatus.COMPLETED),
+    JobStatus.RUNNING: (JobStatus.COMPLETED, JobStatus.CANCELLED, JobStatus.FAILED),
+    JobStatus.COMPLETED: (),
+    JobStatus.CANCELLED: (),
+    JobStatus.FAILED: (),
+}
+
+TASK_TRANSITIONS: dict[TaskState, tuple[TaskState, ...]] = {
+    TaskState.QUEUED: (TaskState.LEASED, TaskState.CANCELLED),
+    TaskState.LEASED: (TaskState.DONE, TaskState.QUEUED, TaskState.FAILED,
+                       TaskState.CANCELLED),
+    TaskState.DONE: (),
+    TaskState.FAILED: (),
+    TaskState.CANCELLED: (),
+}
+
+
+def sources(to: JobStatus | TaskState) -> tuple:
+    """The states that may move to ``to``: the ``WHERE status IN (...)`` of the conditional
+    UPDATE that makes the transition (so a stale writer changes nothing)."""
+    table: dict = JOB_TRANSITIONS if isinstance(to, JobStatus) else TASK_TRANSITIONS
+    return tuple(s for s, nexts in table.items() if to in nexts)
