@@ -39,6 +39,7 @@ from sqlalchemy.orm import Session
 
 from search.evaluators.types import EvalOutcome, Failure
 from service import jobs, leases
+from service.api.metrics import NullMetrics
 from service.cache import DBMeasurementCache
 from service.db import Database, new_id, utcnow
 from service.leases import Reaped, live_workers, reap_expired
@@ -84,7 +85,7 @@ class Scheduler:
     def __init__(self, db: Database, settings, metrics=None, owner: str | None = None) -> None:
         self.db = db
         self.settings = settings
-        self.metrics = metrics
+        self.metrics = metrics if metrics is not None else NullMetrics()
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.optuna_url = settings.optuna_url
         self._drivers: dict[str, Any] = {}
@@ -94,15 +95,12 @@ class Scheduler:
 
     def tick(self) -> TickReport:
         report = TickReport()
-        if self.metrics is not None:
-            self.metrics.scheduler_ticks.inc()
+        self.metrics.scheduler_ticks.inc()
         report.reaped = reap_expired(self.db, self.settings.max_attempts)
-        if self.metrics is not None:
-            for r in report.reaped:
-                self.metrics.lease_expiries.labels(
-                    r.target, "requeued" if r.requeued else "failed"
-                ).inc()
         for r in report.reaped:
+            self.metrics.lease_expiries.labels(
+                r.target, "requeued" if r.requeued else "failed"
+            ).inc()
             log.info(
                 "lease of task %s (job %s) expired: %s", r.task_id, r.job_id,
                 "re-queued" if r.requeued else "attempts exhausted, trial fails",
@@ -204,8 +202,7 @@ class Scheduler:
     def _job_error(self, job_id: str, exc: Exception) -> None:
         from search.study import SearchError
 
-        if self.metrics is not None:
-            self.metrics.scheduler_errors.inc()
+        self.metrics.scheduler_errors.inc()
         n = self._errors.get(job_id, 0) + 1
         self._errors[job_id] = n
         # a database or storage outage is the server's trouble, never the job's
@@ -249,7 +246,7 @@ class Scheduler:
         return driver
 
     def _count(self, how: str, target: str, n: int = 1) -> None:
-        if self.metrics is not None and n:
+        if n:
             self.metrics.trials_completed.labels(target, how).inc(n)
 
     def _drive(self, job_id: str) -> JobTick:
@@ -342,7 +339,7 @@ class Scheduler:
             driver.tell(row.trial_number, outcome)
             told_ids.append(row.id)
             self._count("measured" if outcome.ok else "failed", job.target)
-            if self.metrics is not None and row.state == TaskState.DONE:
+            if row.state == TaskState.DONE:
                 self.metrics.measurement_seconds.labels(job.target).observe(outcome.seconds)
         now = utcnow()
 

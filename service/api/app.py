@@ -15,6 +15,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy.exc import DBAPIError
 
+from service import leases
 from service.api.deps import require_user
 from service.api.metrics import CONTENT_TYPE, Metrics
 from service.db import Database
@@ -80,13 +81,7 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None) 
     app.include_router(workers.router)
     app.include_router(tasks.router)
 
-    @app.exception_handler(DBAPIError)
-    async def _db_error(request: Request, exc: DBAPIError):
-        log.error("database error on %s %s: %s", request.method, request.url.path, exc.orig)
-        return JSONResponse(
-            {"detail": "database unavailable, retry later"}, status_code=503,
-            headers={"Retry-After": "2"},
-        )
+    _register_error_handlers(app)
 
     @app.get("/healthz", tags=["operations"], summary="Liveness (no auth)")
     def healthz():
@@ -124,6 +119,34 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None) 
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     return app
+
+
+def _register_error_handlers(app: FastAPI) -> None:
+    """The domain errors raised below the routes, as HTTP answers, in one place."""
+
+    @app.exception_handler(DBAPIError)
+    async def _db_error(request: Request, exc: DBAPIError):
+        log.error("database error on %s %s: %s", request.method, request.url.path, exc.orig)
+        return JSONResponse(
+            {"detail": "database unavailable, retry later"}, status_code=503,
+            headers={"Retry-After": "2"},
+        )
+
+    @app.exception_handler(leases.TaskNotFound)
+    async def _no_task(request: Request, exc: leases.TaskNotFound):
+        return JSONResponse({"detail": f"no task {exc.args[0]!r}"}, status_code=404)
+
+    @app.exception_handler(leases.WrongTarget)
+    async def _wrong_target(request: Request, exc: leases.WrongTarget):
+        return JSONResponse(
+            {"detail": f"this task belongs to target {exc.task_target!r}; the worker token "
+             "is scoped to another target"},
+            status_code=403,
+        )
+
+    @app.exception_handler(leases.StaleLease)
+    async def _stale(request: Request, exc: leases.StaleLease):
+        return JSONResponse({"detail": str(exc)}, status_code=409)
 
 
 def _configure_logging() -> None:

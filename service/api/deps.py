@@ -1,5 +1,7 @@
-"""Request-time dependencies of the API: the database, the bearer-token checks (an API key
-for a user, a worker token scoped to one target for a worker).
+"""Request-time dependencies of the API, as ``Annotated`` aliases that routes declare as
+parameter types (``db: DatabaseDep``, ``user: CurrentUser``): the database, the settings,
+the metrics, the scheduler wake-up, and the bearer-token checks (an API key for a user, a
+worker token scoped to one target for a worker).
 
 Tokens are 256-bit random strings; only their SHA-256 is stored (``service/tokens.py``),
 so a lookup is one indexed equality on the hash.
@@ -7,15 +9,19 @@ so a lookup is one indexed equality on the hash.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from service.api.metrics import Metrics, NullMetrics
 from service.db import Database, utcnow
 from service.models import ApiKey, WorkerToken
+from service.settings import Settings
 from service.tokens import API_KEY_PREFIX, WORKER_TOKEN_PREFIX, hash_token
 
 # Writing last_used_at on every request would turn every read into a write; once a
@@ -73,7 +79,31 @@ def get_db(request: Request) -> Database:
     return request.app.state.db
 
 
-def require_user(request: Request, db: Database = Depends(get_db)) -> User:
+def get_app_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_metrics(request: Request) -> Metrics | NullMetrics:
+    return getattr(request.app.state, "metrics", None) or NullMetrics()
+
+
+def get_wake(request: Request) -> Callable[[], None]:
+    """Run the next scheduler tick now (a no-op where this process runs no scheduler)."""
+    loop = getattr(request.app.state, "scheduler_loop", None)
+    return loop.wake if loop is not None else _no_wake
+
+
+def _no_wake() -> None:
+    pass
+
+
+DatabaseDep = Annotated[Database, Depends(get_db)]
+SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+MetricsDep = Annotated[Metrics | NullMetrics, Depends(get_metrics)]
+WakeScheduler = Annotated[Callable[[], None], Depends(get_wake)]
+
+
+def require_user(request: Request, db: DatabaseDep) -> User:
     token = _bearer(request)
     if token.startswith(WORKER_TOKEN_PREFIX):
         raise HTTPException(
@@ -85,7 +115,7 @@ def require_user(request: Request, db: Database = Depends(get_db)) -> User:
     return User(key_id=row.id, owner=row.owner)
 
 
-def require_worker(request: Request, db: Database = Depends(get_db)) -> WorkerPrincipal:
+def require_worker(request: Request, db: DatabaseDep) -> WorkerPrincipal:
     token = _bearer(request)
     if token.startswith(API_KEY_PREFIX):
         raise HTTPException(
@@ -102,3 +132,7 @@ def check_target(principal: WorkerPrincipal, target: str) -> None:
             status.HTTP_403_FORBIDDEN,
             f"this worker token is scoped to target {principal.target!r}, not {target!r}",
         )
+
+
+CurrentUser = Annotated[User, Depends(require_user)]
+CurrentWorker = Annotated[WorkerPrincipal, Depends(require_worker)]

@@ -124,3 +124,29 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _Inert:
+    """A counter or histogram that records nothing."""
+
+    def labels(self, *_values: str) -> _Inert:
+        return self
+
+    def inc(self, _amount: float = 1) -> None:
+        pass
+
+    def observe(self, _value: float) -> None:
+        pass
+
+
+class NullMetrics:
+    """The metrics interface of :class:`Metrics`, counting nothing: a scheduler or an app
+    built without a registry uses it, so callers never check for ``None``."""
+
+    def __init__(self) -> None:
+        inert = _Inert()
+        self.trials_completed = self.lease_expiries = self.results = inert
+        self.measurement_seconds = self.scheduler_ticks = self.scheduler_errors = inert
+
+    def render(self) -> bytes:
+        return b""

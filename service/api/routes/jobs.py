@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response, status
+from fastapi import APIRouter, Header, HTTPException, Query, Response, status
 from fastapi.responses import FileResponse
 from pydantic import ValidationError
 from sqlalchemy import func, select
@@ -20,7 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service import jobs
-from service.api.deps import User, get_db, require_user
+from service.api.deps import CurrentUser, DatabaseDep, SettingsDep, User, WakeScheduler
 from service.api.schemas import (
     ExportFormat,
     JobCreate,
@@ -32,6 +32,7 @@ from service.api.schemas import (
 )
 from service.db import Database, new_id, utcnow
 from service.models import Job, Target
+from service.settings import Settings
 from service.states import JobStatus
 from service.studies import load_study, trial_view
 
@@ -47,16 +48,6 @@ MEDIA_TYPES = {
 }
 _EXPORT_LOCKS: dict[str, threading.Lock] = {}
 _EXPORT_LOCKS_GUARD = threading.Lock()
-
-
-def _settings(request: Request):
-    return request.app.state.settings
-
-
-def _wake(request: Request) -> None:
-    loop = getattr(request.app.state, "scheduler_loop", None)
-    if loop is not None:
-        loop.wake()
 
 
 def _unprocessable(message: str) -> HTTPException:
@@ -150,10 +141,11 @@ def _own_job(db: Database, user: User, job_id: str) -> Job:
 )
 def create_job(
     body: JobCreate,
-    request: Request,
     response: Response,
-    user: User = Depends(require_user),
-    db: Database = Depends(get_db),
+    user: CurrentUser,
+    db: DatabaseDep,
+    settings: SettingsDep,
+    wake: WakeScheduler,
     idempotency_key: Annotated[
         str | None,
         Header(
@@ -163,7 +155,6 @@ def create_job(
         ),
     ] = None,
 ):
-    settings = _settings(request)
     if body.trials > settings.max_trials:
         raise _unprocessable(f"trials: at most {settings.max_trials} on this server")
     if body.parallelism > settings.max_parallelism:
@@ -229,20 +220,20 @@ def create_job(
     else:
         log.info("job %s created by %s: %d trials on %s", job.id, user.owner, job.trials,
                  job.target)
-        _wake(request)
+        wake()
     return job_out(job, with_config=True)
 
 
 @router.get("/jobs", response_model=JobPage, summary="List your jobs (newest first)")
 def list_jobs(
-    request: Request,
+    user: CurrentUser,
+    db: DatabaseDep,
+    settings: SettingsDep,
     status_: Annotated[JobStatus | None, Query(alias="status")] = None,
     offset: Annotated[int, Query(ge=0)] = 0,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    user: User = Depends(require_user),
-    db: Database = Depends(get_db),
 ):
-    limit = min(limit, _settings(request).max_page_size)
+    limit = min(limit, settings.max_page_size)
 
     def read(s: Session):
         cond = [Job.owner == user.owner]
@@ -261,7 +252,7 @@ def list_jobs(
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, summary="A job: status, progress, best")
-def get_job(job_id: str, user: User = Depends(require_user), db: Database = Depends(get_db)):
+def get_job(job_id: str, user: CurrentUser, db: DatabaseDep):
     return job_out(_own_job(db, user, job_id), with_config=True)
 
 
@@ -272,8 +263,7 @@ def get_job(job_id: str, user: User = Depends(require_user), db: Database = Depe
     responses={409: {"description": "The job already completed or failed"}},
 )
 def cancel_job(
-    job_id: str, request: Request, user: User = Depends(require_user),
-    db: Database = Depends(get_db),
+    job_id: str, user: CurrentUser, db: DatabaseDep, wake: WakeScheduler,
 ):
     _own_job(db, user, job_id)
 
@@ -284,14 +274,14 @@ def cancel_job(
         return job
 
     job = db.run(op)
-    _wake(request)
+    wake()
     return job_out(job, with_config=True)
 
 
-def _study_and_driver(request: Request, job: Job):
+def _study_and_driver(settings: Settings, job: Job):
     from search.study import SearchConfig, SearchDriver
 
-    study = load_study(_settings(request).optuna_url, job.study_name)
+    study = load_study(settings.optuna_url, job.study_name)
     if study is None:
         return None, None
     return study, SearchDriver(study, SearchConfig.model_validate(job.config))
@@ -300,7 +290,9 @@ def _study_and_driver(request: Request, job: Job):
 @router.get("/jobs/{job_id}/trials", response_model=TrialPage, summary="A job's trials")
 def list_trials(
     job_id: str,
-    request: Request,
+    user: CurrentUser,
+    db: DatabaseDep,
+    settings: SettingsDep,
     offset: Annotated[int, Query(ge=0)] = 0,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     state: Annotated[
@@ -308,11 +300,9 @@ def list_trials(
     ] = None,
     feasible: bool | None = None,
     include_spec: bool = False,
-    user: User = Depends(require_user),
-    db: Database = Depends(get_db),
 ):
     job = _own_job(db, user, job_id)
-    study, _ = _study_and_driver(request, job)
+    study, _ = _study_and_driver(settings, job)
     trials = [] if study is None else study.get_trials(deepcopy=False)
     views = [trial_view(t, include_spec=include_spec) for t in trials]
     if state is not None:
@@ -320,15 +310,15 @@ def list_trials(
     if feasible is not None:
         views = [v for v in views if v["feasible"] == feasible]
     views.sort(key=lambda v: v["number"])
-    limit = min(limit, _settings(request).max_page_size)
+    limit = min(limit, settings.max_page_size)
     return {"total": len(views), "offset": offset, "limit": limit,
             "items": views[offset: offset + limit]}
 
 
-def _live_pareto(request: Request, job: Job) -> tuple[list[dict], dict | None]:
+def _live_pareto(settings: Settings, job: Job) -> tuple[list[dict], dict | None]:
     from service.studies import summarize
 
-    _, driver = _study_and_driver(request, job)
+    _, driver = _study_and_driver(settings, job)
     if driver is None:
         return [], None
     rec = driver.recommend()
@@ -337,12 +327,11 @@ def _live_pareto(request: Request, job: Job) -> tuple[list[dict], dict | None]:
 
 @router.get("/jobs/{job_id}/pareto", response_model=ParetoOut,
             summary="Feasible Pareto set (quality up, latency down)")
-def get_pareto(job_id: str, request: Request, user: User = Depends(require_user),
-               db: Database = Depends(get_db)):
+def get_pareto(job_id: str, user: CurrentUser, db: DatabaseDep, settings: SettingsDep):
     job = _own_job(db, user, job_id)
     if job.finalized_at is not None:
         return {"job_id": job.id, "final": True, "items": job.pareto or []}
-    items, _ = _live_pareto(request, job)
+    items, _ = _live_pareto(settings, job)
     return {"job_id": job.id, "final": False, "items": items}
 
 
@@ -352,24 +341,23 @@ def _export_links(job_id: str) -> dict[str, str]:
 
 @router.get("/jobs/{job_id}/winner", response_model=WinnerOut,
             summary="The recommended architecture (so far, until the job finishes)")
-def get_winner(job_id: str, request: Request, user: User = Depends(require_user),
-               db: Database = Depends(get_db)):
+def get_winner(job_id: str, user: CurrentUser, db: DatabaseDep, settings: SettingsDep):
     job = _own_job(db, user, job_id)
     if job.finalized_at is not None:
         winner, final = job.winner, True
     else:
-        _, winner = _live_pareto(request, job)
+        _, winner = _live_pareto(settings, job)
         final = False
     return {"job_id": job.id, "final": final, "trial": winner,
             "exports": _export_links(job.id) if winner else {}}
 
 
-def _spec_for_export(request: Request, job: Job, trial: int | None) -> tuple[dict, int]:
+def _spec_for_export(settings: Settings, job: Job, trial: int | None) -> tuple[dict, int]:
     if trial is None:
         if job.finalized_at is not None:
             winner = job.winner
         else:
-            _, winner = _live_pareto(request, job)
+            _, winner = _live_pareto(settings, job)
         if not winner or "spec" not in winner:
             raise HTTPException(
                 status.HTTP_404_NOT_FOUND,
@@ -377,7 +365,7 @@ def _spec_for_export(request: Request, job: Job, trial: int | None) -> tuple[dic
                 "pass ?trial=N to export a specific trial",
             )
         return winner["spec"], winner["number"]
-    study, _ = _study_and_driver(request, job)
+    study, _ = _study_and_driver(settings, job)
     if study is not None:
         for t in study.get_trials(deepcopy=False):
             if t.number == trial and "spec" in t.user_attrs:
@@ -421,19 +409,19 @@ def _export_file(export_dir: Path, spec_dict: dict, fmt: str, resolution: int | 
 )
 def export_job(
     job_id: str,
-    request: Request,
+    user: CurrentUser,
+    db: DatabaseDep,
+    settings: SettingsDep,
     format: Annotated[ExportFormat, Query(description="json, pytorch, torchscript, onnx")] = "json",
     trial: Annotated[int | None, Query(ge=0)] = None,
-    user: User = Depends(require_user),
-    db: Database = Depends(get_db),
 ):
     from blocks.export import ExportError
 
     job = _own_job(db, user, job_id)
-    spec_dict, number = _spec_for_export(request, job, trial)
+    spec_dict, number = _spec_for_export(settings, job, trial)
     resolution = (job.config.get("measure") or {}).get("resolution")
     try:
-        path = _export_file(Path(_settings(request).export_dir), spec_dict, format, resolution)
+        path = _export_file(Path(settings.export_dir), spec_dict, format, resolution)
     except (ExportError, ImportError) as exc:
         raise HTTPException(
             status.HTTP_500_INTERNAL_SERVER_ERROR, f"export to {format} failed: {exc}"

@@ -1,21 +1,30 @@
 """/v1/tasks: the worker side of measurement (worker tokens only).
 
-lease (long poll) -> heartbeat* -> result | fail | release. See service/leases.py for the
-state machine and docs/service.md for the protocol."""
+lease (long poll) -> heartbeat* -> result | fail | release. The bodies are
+service/protocol.py, the writes service/leases.py; its errors (no such task, another
+target's task, a stale lease) become 404, 403 and 409 in the handlers that
+service/api/app.py registers once."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 
-from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
+from fastapi import APIRouter, HTTPException, Request, Response, status
 from sqlalchemy import update
 from starlette.concurrency import run_in_threadpool
 
 from service import leases
-from service.api.deps import WorkerPrincipal, check_target, get_db, require_worker
+from service.api.deps import (
+    CurrentWorker,
+    DatabaseDep,
+    MetricsDep,
+    SettingsDep,
+    WakeScheduler,
+    check_target,
+)
 from service.api.routes.workers import load_worker
-from service.db import Database, utcnow
+from service.db import utcnow
 from service.models import Worker
 from service.protocol import (
     FailIn,
@@ -40,42 +49,15 @@ _ERRORS = {
 }
 
 
-def _settings(request: Request):
-    return request.app.state.settings
-
-
-def _metrics(request: Request):
-    return getattr(request.app.state, "metrics", None)
-
-
-def _translate(exc: Exception) -> HTTPException:
-    if isinstance(exc, leases.TaskNotFound):
-        return HTTPException(status.HTTP_404_NOT_FOUND, f"no task {exc.args[0]!r}")
-    if isinstance(exc, leases.WrongTarget):
-        return HTTPException(
-            status.HTTP_403_FORBIDDEN,
-            f"this task belongs to target {exc.task_target!r}; the worker token is scoped "
-            "to another target",
-        )
-    if isinstance(exc, leases.StaleLease):
-        return HTTPException(status.HTTP_409_CONFLICT, str(exc))
-    raise exc
-
-
 @router.post(
     "/lease",
     response_model=LeaseOut,
     summary="Lease the next measurement task (long poll)",
     responses={204: {"description": "Nothing to do within wait_s"}, **_ERRORS},
 )
-async def lease_task(
-    body: LeaseRequest,
-    request: Request,
-    principal: WorkerPrincipal = Depends(require_worker),
-    db: Database = Depends(get_db),
-):
+async def lease_task(body: LeaseRequest, request: Request, principal: CurrentWorker,
+                     db: DatabaseDep, settings: SettingsDep):
     check_target(principal, body.target)
-    settings = _settings(request)
 
     def touch():
         def op(s):
@@ -113,40 +95,29 @@ async def lease_task(
 
 @router.post("/{task_id}/heartbeat", response_model=HeartbeatOut,
              summary="Extend a lease", responses=_ERRORS)
-def heartbeat_task(task_id: str, body: LeaseTokenIn, request: Request,
-                   principal: WorkerPrincipal = Depends(require_worker),
-                   db: Database = Depends(get_db)):
-    try:
-        expires = leases.heartbeat(db, task_id, principal.target, body.lease_token,
-                                   _settings(request).lease_timeout_s)
-    except (leases.TaskNotFound, leases.WrongTarget, leases.StaleLease) as exc:
-        raise _translate(exc) from exc
+def heartbeat_task(task_id: str, body: LeaseTokenIn, principal: CurrentWorker,
+                   db: DatabaseDep, settings: SettingsDep):
+    expires = leases.heartbeat(db, task_id, principal.target, body.lease_token,
+                               settings.lease_timeout_s)
     return {"lease_expires_at": expires}
 
 
 @router.post("/{task_id}/result", response_model=ResultOut,
              summary="Report the outcome (accepted once; a duplicate is a no-op)",
              responses=_ERRORS)
-def task_result(task_id: str, body: ResultIn, request: Request,
-                principal: WorkerPrincipal = Depends(require_worker),
-                db: Database = Depends(get_db)):
+def task_result(task_id: str, body: ResultIn, principal: CurrentWorker, db: DatabaseDep,
+                metrics: MetricsDep, wake: WakeScheduler):
     try:
         accepted, _row = leases.submit_result(
             db, task_id, principal.target, body.lease_token,
             body.outcome.model_dump(mode="json"),
         )
-    except (leases.TaskNotFound, leases.WrongTarget, leases.StaleLease) as exc:
-        m = _metrics(request)
-        if m is not None and isinstance(exc, leases.StaleLease):
-            m.results.labels(principal.target, "stale").inc()
-        raise _translate(exc) from exc
-    m = _metrics(request)
-    if m is not None:
-        m.results.labels(principal.target, "accepted" if accepted else "duplicate").inc()
+    except leases.StaleLease:
+        metrics.results.labels(principal.target, "stale").inc()
+        raise
+    metrics.results.labels(principal.target, "accepted" if accepted else "duplicate").inc()
     if accepted:
-        loop = getattr(request.app.state, "scheduler_loop", None)
-        if loop is not None:
-            loop.wake()
+        wake()
         return {"accepted": True, "duplicate": False}
     return {"accepted": False, "duplicate": True}
 
@@ -154,33 +125,19 @@ def task_result(task_id: str, body: ResultIn, request: Request,
 @router.post("/{task_id}/fail", response_model=FailOut,
              summary="The worker could not run the task (spends an attempt)",
              responses=_ERRORS)
-def task_fail(task_id: str, body: FailIn, request: Request,
-              principal: WorkerPrincipal = Depends(require_worker),
-              db: Database = Depends(get_db)):
-    settings = _settings(request)
-    try:
-        row = leases.fail_task(db, task_id, principal.target, body.lease_token, body.reason,
-                               body.message, settings.max_attempts)
-    except (leases.TaskNotFound, leases.WrongTarget, leases.StaleLease) as exc:
-        raise _translate(exc) from exc
-    m = _metrics(request)
-    if m is not None:
-        m.results.labels(principal.target, "failed").inc()
+def task_fail(task_id: str, body: FailIn, principal: CurrentWorker, db: DatabaseDep,
+              settings: SettingsDep, metrics: MetricsDep, wake: WakeScheduler):
+    row = leases.fail_task(db, task_id, principal.target, body.lease_token, body.reason,
+                           body.message, settings.max_attempts)
+    metrics.results.labels(principal.target, "failed").inc()
     if row.state == TaskState.FAILED:
-        loop = getattr(request.app.state, "scheduler_loop", None)
-        if loop is not None:
-            loop.wake()
+        wake()
     return {"requeued": row.state == TaskState.QUEUED, "attempts_used": row.attempts_used,
             "max_attempts": settings.max_attempts}
 
 
 @router.post("/{task_id}/release", response_model=ReleaseOut,
              summary="Give the task back unfinished (no attempt spent)", responses=_ERRORS)
-def task_release(task_id: str, body: LeaseTokenIn,
-                 principal: WorkerPrincipal = Depends(require_worker),
-                 db: Database = Depends(get_db)):
-    try:
-        leases.release_task(db, task_id, principal.target, body.lease_token)
-    except (leases.TaskNotFound, leases.WrongTarget, leases.StaleLease) as exc:
-        raise _translate(exc) from exc
+def task_release(task_id: str, body: LeaseTokenIn, principal: CurrentWorker, db: DatabaseDep):
+    leases.release_task(db, task_id, principal.target, body.lease_token)
     return {"requeued": True}

@@ -5,30 +5,26 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
+from fastapi import APIRouter, HTTPException, Query, status
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from service.api.deps import (
-    User,
+    CurrentUser,
+    CurrentWorker,
+    DatabaseDep,
+    SettingsDep,
     WorkerPrincipal,
     check_target,
-    get_db,
-    require_user,
-    require_worker,
 )
 from service.api.schemas import TargetCreate, TargetOut, WorkerPage
-from service.db import Database, new_id, utcnow
+from service.db import new_id, utcnow
 from service.leases import live_workers
 from service.models import Target, Task, Worker
 from service.protocol import Status, WorkerRegister, WorkerRegistered
 from service.states import IN_FLIGHT, TaskState
 
 router = APIRouter(prefix="/v1", tags=["targets and workers"])
-
-
-def _settings(request: Request):
-    return request.app.state.settings
 
 
 def _target_views(s: Session, names: list[str] | None, worker_timeout_s: float) -> list[dict]:
@@ -61,31 +57,29 @@ def _target_views(s: Session, names: list[str] | None, worker_timeout_s: float) 
 @router.post("/targets", status_code=status.HTTP_201_CREATED, response_model=TargetOut,
              summary="Create a target (a named device class)",
              responses={409: {"description": "A target with this name exists"}})
-def create_target(body: TargetCreate, request: Request, user: User = Depends(require_user),
-                  db: Database = Depends(get_db)):
+def create_target(body: TargetCreate, user: CurrentUser, db: DatabaseDep,
+                  settings: SettingsDep):
     def op(s: Session):
         if s.get(Target, body.name) is not None:
             raise HTTPException(status.HTTP_409_CONFLICT, f"target {body.name!r} exists")
         s.add(Target(name=body.name, description=body.description, created_at=utcnow()))
         s.flush()
-        return _target_views(s, [body.name], _settings(request).worker_timeout_s)[0]
+        return _target_views(s, [body.name], settings.worker_timeout_s)[0]
 
     return db.run(op)
 
 
 @router.get("/targets", response_model=list[TargetOut], summary="List targets")
-def list_targets(request: Request, user: User = Depends(require_user),
-                 db: Database = Depends(get_db)):
+def list_targets(user: CurrentUser, db: DatabaseDep, settings: SettingsDep):
     return db.run(
-        lambda s: _target_views(s, None, _settings(request).worker_timeout_s), write=False
+        lambda s: _target_views(s, None, settings.worker_timeout_s), write=False
     )
 
 
 @router.get("/targets/{name}", response_model=TargetOut, summary="A target")
-def get_target(name: str, request: Request, user: User = Depends(require_user),
-               db: Database = Depends(get_db)):
+def get_target(name: str, user: CurrentUser, db: DatabaseDep, settings: SettingsDep):
     views = db.run(
-        lambda s: _target_views(s, [name], _settings(request).worker_timeout_s), write=False
+        lambda s: _target_views(s, [name], settings.worker_timeout_s), write=False
     )
     if not views:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no target {name!r}")
@@ -95,11 +89,9 @@ def get_target(name: str, request: Request, user: User = Depends(require_user),
 @router.post("/workers/register", response_model=WorkerRegistered,
              summary="Register a worker (worker token)",
              responses={403: {"description": "The token is scoped to another target"}})
-def register_worker(body: WorkerRegister, request: Request,
-                    principal: WorkerPrincipal = Depends(require_worker),
-                    db: Database = Depends(get_db)):
+def register_worker(body: WorkerRegister, principal: CurrentWorker, db: DatabaseDep,
+                    settings: SettingsDep):
     check_target(principal, body.target)
-    settings = _settings(request)
 
     def op(s: Session) -> str:
         now = utcnow()
@@ -136,8 +128,7 @@ def load_worker(s: Session, worker_id: str, principal: WorkerPrincipal) -> Worke
 
 @router.post("/workers/{worker_id}/heartbeat", response_model=Status,
              summary="Worker liveness while idle (worker token)")
-def worker_heartbeat(worker_id: str, principal: WorkerPrincipal = Depends(require_worker),
-                     db: Database = Depends(get_db)):
+def worker_heartbeat(worker_id: str, principal: CurrentWorker, db: DatabaseDep):
     def op(s: Session) -> None:
         load_worker(s, worker_id, principal)
         s.execute(update(Worker).where(Worker.id == worker_id)
@@ -150,15 +141,16 @@ def worker_heartbeat(worker_id: str, principal: WorkerPrincipal = Depends(requir
 @router.get("/workers", response_model=WorkerPage,
             summary="List workers with their last heartbeat")
 def list_workers(
-    request: Request,
+    user: CurrentUser,
+    db: DatabaseDep,
+    settings: SettingsDep,
     target: str | None = None,
-    live: bool | None = Query(None, description="only live (true) or only silent (false)"),
+    live: Annotated[
+        bool | None, Query(description="only live (true) or only silent (false)")
+    ] = None,
     offset: Annotated[int, Query(ge=0)] = 0,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    user: User = Depends(require_user),
-    db: Database = Depends(get_db),
 ):
-    settings = _settings(request)
     since = utcnow() - timedelta(seconds=settings.worker_timeout_s)
 
     def read(s: Session):
