@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import io
 import json
 import warnings
 from pathlib import Path
@@ -250,17 +251,51 @@ def _prepare(spec: ArchSpec, model: nn.Module | None, resolution: int | None):
     return model, example, was_training
 
 
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def torchscript_module(model: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
+    """``model`` (in eval mode) traced on ``example`` and frozen: BatchNorm folded, constants
+    inlined. The one TorchScript path, shared by the export and the latency evaluator;
+    raises :class:`ExportError` with a one-line reason."""
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(model, (example,), check_trace=False)
+            return torch.jit.freeze(traced.eval())
+    except Exception as exc:
+        raise ExportError(f"TorchScript trace/freeze failed: {_first_line(exc)}") from exc
+
+
+def onnx_bytes(model: nn.Module, example: torch.Tensor, dynamic_batch: bool = True) -> bytes:
+    """``model`` (in eval mode) as an ONNX graph, in memory: the legacy TorchScript-based
+    exporter at opset :data:`ONNX_OPSET`, input ``input``, output ``logits``, the batch
+    dimension dynamic when ``dynamic_batch``. The one ONNX path, shared by the export and
+    the latency evaluator; raises :class:`ExportError` with a one-line reason."""
+    buf = io.BytesIO()
+    axes = {"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model, (example,), buf, dynamo=False, opset_version=ONNX_OPSET,
+                input_names=["input"], output_names=["logits"], dynamic_axes=axes,
+                do_constant_folding=True,
+            )
+    except Exception as exc:
+        raise ExportError(f"ONNX export failed: {type(exc).__name__}: {_first_line(exc)}") from exc
+    return buf.getvalue()
+
+
 def _torchscript(spec: ArchSpec, path: Path, model: nn.Module | None,
                  resolution: int | None) -> None:
     model, example, was_training = _prepare(spec, model, resolution)
     try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            traced = torch.jit.trace(model, example, check_trace=False)
-            frozen = torch.jit.freeze(traced)
-            torch.jit.save(frozen, str(path), _extra_files={SPEC_FILE: spec.canonical_json()})
+        frozen = torchscript_module(model, example)
     finally:
         model.train(was_training)
+    torch.jit.save(frozen, str(path), _extra_files={SPEC_FILE: spec.canonical_json()})
 
 
 def _onnx(spec: ArchSpec, path: Path, model: nn.Module | None, resolution: int | None) -> None:
@@ -271,17 +306,10 @@ def _onnx(spec: ArchSpec, path: Path, model: nn.Module | None, resolution: int |
                           "(pip install 'fitnas[worker]')") from exc
     model, example, was_training = _prepare(spec, model, resolution)
     try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                model, (example,), str(path), dynamo=False, opset_version=ONNX_OPSET,
-                input_names=["input"], output_names=["logits"],
-                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-                do_constant_folding=True,
-            )
+        data = onnx_bytes(model, example)
     finally:
         model.train(was_training)
-    proto = onnx.load(str(path))
+    proto = onnx.load_from_string(data)
     proto.producer_name = "fitnas"
     for key, value in ((SPEC_FILE, spec.canonical_json()), ("fitnas_spec_hash", spec.hash)):
         prop = proto.metadata_props.add()
@@ -343,9 +371,12 @@ def export_all(spec: ArchSpec, out_dir: str | Path,
 __all__ = [
     "FILE_NAMES",
     "FORMATS",
+    "ONNX_OPSET",
     "ExportError",
     "export",
     "export_all",
+    "onnx_bytes",
     "pytorch_source",
     "spec_json",
+    "torchscript_module",
 ]
