@@ -31,20 +31,10 @@ from torch import nn
 
 import blocks.layers
 from blocks.builder import Network, build_model
+from blocks.kinds import KINDS
+from blocks.recipe import classes, render
 from blocks.shapes import ResolvedBlock, feature_width, resolve
-from blocks.spec import (
-    ArchSpec,
-    BottleneckBlock,
-    ConvBlock,
-    DepthwiseSeparableBlock,
-    FactorizedBlock,
-    MBConvBlock,
-    SESpec,
-    ShuffleBlock,
-    SpatialSepBlock,
-    mbconv_mid,
-    se_channels,
-)
+from blocks.spec import ArchSpec
 
 Format = Literal["json", "pytorch", "torchscript", "onnx"]
 FORMATS: tuple[str, ...] = ("json", "pytorch", "torchscript", "onnx")
@@ -93,50 +83,26 @@ def _module_parts(module) -> tuple[list[str], str]:
     return imports, body
 
 
-def _se_call(se: SESpec | None, cin: int, mid: int) -> str:
-    if se is None:
-        return "None"
-    return (f"SqueezeExcite({mid}, {se_channels(se, cin, mid)}, "
-            f"act_layer=activation({se.act!r}), gate_layer=activation({se.gate!r}))")
-
-
-def _call(cls: str, *args, **kwargs) -> str:
-    parts = [repr(a) for a in args] + [f"{k}={v}" for k, v in kwargs.items()]
-    return f"{cls}({', '.join(parts)})"
+def _recipe(rb: ResolvedBlock):
+    return KINDS[rb.block.kind].recipe(rb.block, rb.in_channels, rb.out_channels)
 
 
 def _block_call(rb: ResolvedBlock) -> str:
-    """Python source that constructs the same module as ``blocks.builder.build_block``
-    (keyword values are source text: ``norm`` is the file's BatchNorm factory)."""
-    b, cin, cout = rb.block, rb.in_channels, rb.out_channels
-    act = f"activation({b.act!r})"
-    common = {"kernel": repr(b.kernel), "stride": repr(b.stride)}
-    layers = {"norm_layer": "norm", "act_layer": act}
-    if isinstance(b, ConvBlock):
-        body = _call("ConvNormAct", cin, cout, **common, dilation=repr(b.dilation),
-                     groups=repr(b.groups), **layers)
-        return f"Residual({body}, enabled=True)" if b.residual else body
-    if isinstance(b, FactorizedBlock):
-        return _call("FactorizedConv", cin, cout, **common, **layers)
-    if isinstance(b, SpatialSepBlock):
-        return _call("SpatiallySeparableConv", cin, cout, **common, **layers)
-    if isinstance(b, DepthwiseSeparableBlock):
-        return _call("DepthwiseSeparable", cin, cout, **common, dilation=repr(b.dilation),
-                     **layers, se=_se_call(b.se, cin, cin), pw_act=repr(b.pw_act),
-                     residual=repr(b.residual))
-    if isinstance(b, MBConvBlock):
-        mid = mbconv_mid(b, cin)
-        return _call("InvertedResidual", cin, cout, mid_channels=repr(mid), **common,
-                     dilation=repr(b.dilation), **layers, se=_se_call(b.se, cin, mid),
-                     residual=repr(b.residual))
-    if isinstance(b, BottleneckBlock):
-        return _call("Bottleneck", cin, cout, mid_channels=repr(b.mid_channels), **common,
-                     groups=repr(b.groups), dilation=repr(b.dilation), **layers)
-    if isinstance(b, ShuffleBlock):
-        return _call("ShuffleUnit", cin, cout, mid_channels=repr(b.mid_channels),
-                     groups=repr(b.groups), first_groups=repr(b.first_groups), **common,
-                     **layers)
-    raise ExportError(f"{rb.field}: unsupported block kind {type(b).__name__}")
+    """Python source that constructs the module ``blocks.builder.build_block`` builds: the
+    same recipe, written out (``norm`` is the file's BatchNorm factory)."""
+    return render(_recipe(rb))
+
+
+def _extra_layers(spec: ArchSpec) -> list[str]:
+    """Source of the module classes the spec's blocks use that live outside
+    :mod:`blocks.layers` (a block kind's own module), innermost first so that each class
+    is defined before a class that names it at construction."""
+    seen: list[type] = []
+    for rb in resolve(spec):
+        for cls in reversed(classes(_recipe(rb))):
+            if cls.__module__ != blocks.layers.__name__ and cls not in seen:
+                seen.append(cls)
+    return [inspect.getsource(cls).rstrip() for cls in seen]
 
 
 def _build_function(spec: ArchSpec) -> str:
@@ -182,6 +148,7 @@ def _build_function(spec: ArchSpec) -> str:
 def pytorch_source(spec: ArchSpec) -> str:
     """The standalone module's source (needs only torch)."""
     layer_imports, layer_body = _module_parts(blocks.layers)
+    extra = "".join(f"\n\n\n{src}" for src in _extra_layers(spec))
     network = inspect.getsource(Network)
     imports = ["import json", *layer_imports]
     if "import torch" not in imports:
@@ -215,7 +182,7 @@ def pytorch_source(spec: ArchSpec) -> str:
         "",
         "# ---- layers " + "-" * 80,
         "",
-        layer_body,
+        layer_body + extra,
         "",
         "",
         "# ---- network " + "-" * 79,
