@@ -5,33 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from blocks.layers import (
-    Bottleneck,
-    ConvNormAct,
-    DepthwiseSeparable,
-    FactorizedConv,
-    InvertedResidual,
-    Residual,
-    ShuffleUnit,
-    SpatiallySeparableConv,
-    SqueezeExcite,
-    activation,
-    batchnorm,
-)
+from blocks.kinds import KINDS
+from blocks.layers import ConvNormAct, activation, batchnorm
+from blocks.recipe import instantiate
 from blocks.shapes import ResolvedBlock, feature_width, resolve
-from blocks.spec import (
-    ArchSpec,
-    BottleneckBlock,
-    ConvBlock,
-    DepthwiseSeparableBlock,
-    FactorizedBlock,
-    MBConvBlock,
-    SESpec,
-    ShuffleBlock,
-    SpatialSepBlock,
-    mbconv_mid,
-    se_channels,
-)
+from blocks.spec import ArchSpec
 
 
 class Network(nn.Module):
@@ -52,37 +30,12 @@ class Network(nn.Module):
         return self.classifier(torch.flatten(self.pool(x), 1))
 
 
-def _se(se: SESpec | None, cin: int, mid: int) -> nn.Module | None:
-    if se is None:
-        return None
-    return SqueezeExcite(mid, se_channels(se, cin, mid), activation(se.act), activation(se.gate))
-
-
 def build_block(rb: ResolvedBlock, norm_eps: float = 1e-5) -> nn.Module:
-    b, cin, cout = rb.block, rb.in_channels, rb.out_channels
-    norm = batchnorm(norm_eps)
-    act = activation(b.act)
-    if isinstance(b, ConvBlock):
-        body = ConvNormAct(cin, cout, b.kernel, b.stride, b.dilation, b.groups, norm, act)
-        return Residual(body, True) if b.residual else body
-    if isinstance(b, FactorizedBlock):
-        return FactorizedConv(cin, cout, b.kernel, b.stride, norm, act)
-    if isinstance(b, SpatialSepBlock):
-        return SpatiallySeparableConv(cin, cout, b.kernel, b.stride, norm, act)
-    if isinstance(b, DepthwiseSeparableBlock):
-        return DepthwiseSeparable(cin, cout, b.kernel, b.stride, b.dilation, norm, act,
-                                  _se(b.se, cin, cin), b.pw_act, b.residual)
-    if isinstance(b, MBConvBlock):
-        mid = mbconv_mid(b, cin)
-        return InvertedResidual(cin, cout, mid, b.kernel, b.stride, b.dilation, norm, act,
-                                _se(b.se, cin, mid), b.residual)
-    if isinstance(b, BottleneckBlock):
-        return Bottleneck(cin, cout, b.mid_channels, b.kernel, b.stride, b.groups, b.dilation,
-                          norm, act)
-    if isinstance(b, ShuffleBlock):
-        return ShuffleUnit(cin, cout, b.mid_channels, b.groups, b.first_groups, b.kernel,
-                           b.stride, norm, act)
-    raise TypeError(f"{rb.field}: unsupported block kind {type(b).__name__}")
+    """The block's module: its kind's recipe, instantiated (the PyTorch export writes the
+    same recipe out as source)."""
+    b = rb.block
+    return instantiate(KINDS[b.kind].recipe(b, rb.in_channels, rb.out_channels),
+                       batchnorm(norm_eps))
 
 
 def build_model(spec: ArchSpec) -> Network:

@@ -4,7 +4,7 @@ Grammar (see docs/spec.md)::
 
     spec   := part ("," part)*
     part   := "net" tokens | "stem:" "cn" tokens | stage | "head:" "cn" tokens | "fc" tokens
-    stage  := KIND tokens                      # KIND: cn fac ssp ds ir bot sh
+    stage  := KIND tokens                      # KIND: a prefix of blocks.kinds.KINDS
     tokens := ("_" token)*
     token  := KEY NUMBER | KEY "-" WORD        # k3 s2 e6 c24 r2 se0.25 a-hswish seg-hsigmoid
 
@@ -20,6 +20,7 @@ from urllib.parse import quote, unquote
 
 from pydantic import BaseModel, ValidationError
 
+from blocks.kinds import KINDS
 from blocks.spec import (
     ArchSpec,
     Classifier,
@@ -32,18 +33,11 @@ class CompactFormatError(ValueError):
     """A compact string that does not parse; the message names the offending part."""
 
 
-KIND_PREFIX = {
-    "conv": "cn",
-    "factorized": "fac",
-    "spatial_sep": "ssp",
-    "ds": "ds",
-    "mbconv": "ir",
-    "bottleneck": "bot",
-    "shuffle": "sh",
-}
+KIND_PREFIX = {name: kind.prefix for name, kind in KINDS.items()}
 PREFIX_KIND = {v: k for k, v in KIND_PREFIX.items()}
 
-# field name -> token key, per model. Order is the order of writing.
+# field name -> token key, per model. Order is the order of writing. A block kind adds
+# keys for the fields only it has (BlockKind.keys); they are written after these.
 _BLOCK_KEYS = {
     "repeats": "r",
     "kernel": "k",
@@ -96,11 +90,15 @@ def _tokens(model: BaseModel, keys: dict[str, str], always: tuple[str, ...] = ()
     return out
 
 
+def _block_keys(kind: str) -> dict[str, str]:
+    return {**_BLOCK_KEYS, **KINDS[kind].keys}
+
+
 def _block_tokens(block: BaseModel, repeats: int) -> list[str]:
     toks = []
     if repeats != 1:
         toks.append(f"r{repeats}")
-    toks += _tokens(block, {k: v for k, v in _BLOCK_KEYS.items() if k != "repeats"},
+    toks += _tokens(block, {k: v for k, v in _block_keys(block.kind).items() if k != "repeats"},
                     always=("out_channels",))
     se = getattr(block, "se", None)
     if se is not None:
@@ -154,11 +152,15 @@ def _block_from(part: str, where: str) -> dict[str, Any]:
             f"{where}: unknown block kind {prefix!r} (expected one of {', '.join(PREFIX_KIND)})"
         )
     kind = PREFIX_KIND[prefix]
-    keys = dict(_BLOCK_KEYS)
+    keys = _block_keys(kind)
     keys.update({f"se.{k}": v for k, v in _SE_KEYS.items()})
     fields = _parse_tokens(tokens, keys, where)
     se = {k[3:]: fields.pop(k) for k in list(fields) if k.startswith("se.")}
     repeats = fields.pop("repeats", 1)
+    model_fields = KINDS[kind].spec.model_fields
+    for name in fields:
+        if name in model_fields and model_fields[name].annotation is bool:
+            fields[name] = bool(fields[name])
     block: dict[str, Any] = {"kind": kind, **fields}
     if se:
         if "ratio" not in se:
@@ -203,10 +205,6 @@ def from_compact(text: str) -> ArchSpec:
     for key in ("stem_pool",):
         if key in data:
             data[key] = bool(data[key])
-    for stage in data["stages"]:
-        for key in ("pw_act", "residual"):
-            if key in stage["block"]:
-                stage["block"][key] = bool(stage["block"][key])
     try:
         return ArchSpec.model_validate(data)
     except ValidationError as exc:

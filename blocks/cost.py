@@ -29,23 +29,10 @@ from typing import NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from blocks.fields import SESpec, se_channels
+from blocks.kinds import KINDS
 from blocks.shapes import ResolvedBlock, SpecError, feature_width, resolve
-from blocks.spec import (
-    MAX_RESOLUTION,
-    MIN_RESOLUTION,
-    ArchSpec,
-    BottleneckBlock,
-    ConvBlock,
-    ConvLayer,
-    DepthwiseSeparableBlock,
-    FactorizedBlock,
-    MBConvBlock,
-    SESpec,
-    ShuffleBlock,
-    SpatialSepBlock,
-    mbconv_mid,
-    se_channels,
-)
+from blocks.spec import MAX_RESOLUTION, MIN_RESOLUTION, ArchSpec, ConvLayer
 
 HW = tuple[int, int]
 
@@ -168,9 +155,10 @@ class _Row:
 
 
 @dataclass
-class _Graph:
+class CostGraph:
     """Tensors (elements per sample) and operations in execution order; enough to run the
-    liveness sweep for the peak working set."""
+    liveness sweep for the peak working set. A block kind's ``cost`` function adds its
+    layers with the methods below, in the order its module runs them."""
 
     sizes: list[int] = field(default_factory=list)
     shapes: list[tuple[int, int, int]] = field(default_factory=list)
@@ -233,60 +221,18 @@ class _Graph:
         return self.merge((x, s))
 
 
-def _block(g: _Graph, rb: ResolvedBlock, x: int) -> int:
-    b, cin, cout = rb.block, rb.in_channels, rb.out_channels
-    if isinstance(b, ConvBlock):
-        y = g.conv(x, cout, b.kernel, b.stride, b.groups, b.dilation)
-        return g.merge((y, x)) if b.residual else y
-    if isinstance(b, FactorizedBlock):
-        y = g.conv(x, cout, (b.kernel, 1), (b.stride, 1))
-        return g.conv(y, cout, (1, b.kernel), (1, b.stride))
-    if isinstance(b, SpatialSepBlock):
-        y = g.conv(x, cout, (b.kernel, 1), (b.stride, 1), norm=False)
-        return g.conv(y, cout, (1, b.kernel), (1, b.stride))
-    if isinstance(b, DepthwiseSeparableBlock):
-        y = g.conv(x, cin, b.kernel, b.stride, cin, b.dilation)
-        if b.se is not None:
-            y = g.se(y, b.se, cin, cin)
-        y = g.conv(y, cout)
-        residual = b.residual and b.stride == 1 and cin == cout
-        return g.merge((y, x)) if residual else y
-    if isinstance(b, MBConvBlock):
-        mid = mbconv_mid(b, cin)
-        y = g.conv(x, mid) if mid != cin else x
-        y = g.conv(y, mid, b.kernel, b.stride, mid, b.dilation)
-        if b.se is not None:
-            y = g.se(y, b.se, cin, mid)
-        y = g.conv(y, cout)
-        residual = b.residual and b.stride == 1 and cin == cout
-        return g.merge((y, x)) if residual else y
-    if isinstance(b, BottleneckBlock):
-        y = g.conv(x, b.mid_channels)
-        y = g.conv(y, b.mid_channels, b.kernel, b.stride, b.groups, b.dilation)
-        y = g.conv(y, cout)
-        s = g.conv(x, cout, 1, b.stride) if (b.stride != 1 or cin != cout) else x
-        return g.merge((y, s))
-    if isinstance(b, ShuffleBlock):
-        g1 = b.groups if b.first_groups is None else b.first_groups
-        branch = cout - cin if b.stride > 1 else cout
-        y = g.conv(x, b.mid_channels, 1, 1, g1)
-        y = g.shuffle(y)
-        y = g.conv(y, b.mid_channels, b.kernel, b.stride, b.mid_channels)
-        y = g.conv(y, branch, 1, 1, b.groups)
-        if b.stride > 1:
-            p = g.pool(x, 3, b.stride)
-            return g.merge((p, y), cout)
-        return g.merge((x, y))
-    raise TypeError(f"{rb.field}: unsupported block kind {type(b).__name__}")
+def _block(g: CostGraph, rb: ResolvedBlock, x: int) -> int:
+    b = rb.block
+    return KINDS[b.kind].cost(g, b, rb.in_channels, rb.out_channels, x)
 
 
-def _conv_layer(g: _Graph, layer: ConvLayer, x: int) -> int:
+def _conv_layer(g: CostGraph, layer: ConvLayer, x: int) -> int:
     return g.conv(x, layer.out_channels, layer.kernel, layer.stride)
 
 
-def _graph(spec: ArchSpec, resolution: int) -> _Graph:
+def _graph(spec: ArchSpec, resolution: int) -> CostGraph:
     resolved = resolve(spec, resolution)
-    g = _Graph()
+    g = CostGraph()
     x = g.tensor(spec.in_channels, (resolution, resolution))
 
     def row(name: str, kind: str, x: int, stride: int) -> None:
@@ -319,12 +265,12 @@ def _graph(spec: ArchSpec, resolution: int) -> _Graph:
     return g
 
 
-def _close(g: _Graph, x: int) -> None:
+def _close(g: CostGraph, x: int) -> None:
     row = g.rows[-1]
     row.out_channels, row.out_hw, row.output = g.ch(x), g.hw(x), x
 
 
-def _live_peaks(g: _Graph) -> list[int]:
+def _live_peaks(g: CostGraph) -> list[int]:
     """Elements (per sample) live during each op: a tensor is live from the op that makes
     it (the input image: from the first op) through the last op that reads it (the final
     output: to the end)."""
@@ -392,6 +338,7 @@ def estimate_cost(spec: ArchSpec, resolution: int | None = None, batch: int = 1,
 
 __all__ = [
     "BlockCost",
+    "CostGraph",
     "CostReport",
     "LayerCost",
     "batchnorm_params",

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import io
 import json
 import warnings
 from pathlib import Path
@@ -30,20 +31,10 @@ from torch import nn
 
 import blocks.layers
 from blocks.builder import Network, build_model
+from blocks.kinds import KINDS
+from blocks.recipe import classes, render
 from blocks.shapes import ResolvedBlock, feature_width, resolve
-from blocks.spec import (
-    ArchSpec,
-    BottleneckBlock,
-    ConvBlock,
-    DepthwiseSeparableBlock,
-    FactorizedBlock,
-    MBConvBlock,
-    SESpec,
-    ShuffleBlock,
-    SpatialSepBlock,
-    mbconv_mid,
-    se_channels,
-)
+from blocks.spec import ArchSpec
 
 Format = Literal["json", "pytorch", "torchscript", "onnx"]
 FORMATS: tuple[str, ...] = ("json", "pytorch", "torchscript", "onnx")
@@ -92,50 +83,26 @@ def _module_parts(module) -> tuple[list[str], str]:
     return imports, body
 
 
-def _se_call(se: SESpec | None, cin: int, mid: int) -> str:
-    if se is None:
-        return "None"
-    return (f"SqueezeExcite({mid}, {se_channels(se, cin, mid)}, "
-            f"act_layer=activation({se.act!r}), gate_layer=activation({se.gate!r}))")
-
-
-def _call(cls: str, *args, **kwargs) -> str:
-    parts = [repr(a) for a in args] + [f"{k}={v}" for k, v in kwargs.items()]
-    return f"{cls}({', '.join(parts)})"
+def _recipe(rb: ResolvedBlock):
+    return KINDS[rb.block.kind].recipe(rb.block, rb.in_channels, rb.out_channels)
 
 
 def _block_call(rb: ResolvedBlock) -> str:
-    """Python source that constructs the same module as ``blocks.builder.build_block``
-    (keyword values are source text: ``norm`` is the file's BatchNorm factory)."""
-    b, cin, cout = rb.block, rb.in_channels, rb.out_channels
-    act = f"activation({b.act!r})"
-    common = {"kernel": repr(b.kernel), "stride": repr(b.stride)}
-    layers = {"norm_layer": "norm", "act_layer": act}
-    if isinstance(b, ConvBlock):
-        body = _call("ConvNormAct", cin, cout, **common, dilation=repr(b.dilation),
-                     groups=repr(b.groups), **layers)
-        return f"Residual({body}, enabled=True)" if b.residual else body
-    if isinstance(b, FactorizedBlock):
-        return _call("FactorizedConv", cin, cout, **common, **layers)
-    if isinstance(b, SpatialSepBlock):
-        return _call("SpatiallySeparableConv", cin, cout, **common, **layers)
-    if isinstance(b, DepthwiseSeparableBlock):
-        return _call("DepthwiseSeparable", cin, cout, **common, dilation=repr(b.dilation),
-                     **layers, se=_se_call(b.se, cin, cin), pw_act=repr(b.pw_act),
-                     residual=repr(b.residual))
-    if isinstance(b, MBConvBlock):
-        mid = mbconv_mid(b, cin)
-        return _call("InvertedResidual", cin, cout, mid_channels=repr(mid), **common,
-                     dilation=repr(b.dilation), **layers, se=_se_call(b.se, cin, mid),
-                     residual=repr(b.residual))
-    if isinstance(b, BottleneckBlock):
-        return _call("Bottleneck", cin, cout, mid_channels=repr(b.mid_channels), **common,
-                     groups=repr(b.groups), dilation=repr(b.dilation), **layers)
-    if isinstance(b, ShuffleBlock):
-        return _call("ShuffleUnit", cin, cout, mid_channels=repr(b.mid_channels),
-                     groups=repr(b.groups), first_groups=repr(b.first_groups), **common,
-                     **layers)
-    raise ExportError(f"{rb.field}: unsupported block kind {type(b).__name__}")
+    """Python source that constructs the module ``blocks.builder.build_block`` builds: the
+    same recipe, written out (``norm`` is the file's BatchNorm factory)."""
+    return render(_recipe(rb))
+
+
+def _extra_layers(spec: ArchSpec) -> list[str]:
+    """Source of the module classes the spec's blocks use that live outside
+    :mod:`blocks.layers` (a block kind's own module), innermost first so that each class
+    is defined before a class that names it at construction."""
+    seen: list[type] = []
+    for rb in resolve(spec):
+        for cls in reversed(classes(_recipe(rb))):
+            if cls.__module__ != blocks.layers.__name__ and cls not in seen:
+                seen.append(cls)
+    return [inspect.getsource(cls).rstrip() for cls in seen]
 
 
 def _build_function(spec: ArchSpec) -> str:
@@ -181,6 +148,7 @@ def _build_function(spec: ArchSpec) -> str:
 def pytorch_source(spec: ArchSpec) -> str:
     """The standalone module's source (needs only torch)."""
     layer_imports, layer_body = _module_parts(blocks.layers)
+    extra = "".join(f"\n\n\n{src}" for src in _extra_layers(spec))
     network = inspect.getsource(Network)
     imports = ["import json", *layer_imports]
     if "import torch" not in imports:
@@ -214,7 +182,7 @@ def pytorch_source(spec: ArchSpec) -> str:
         "",
         "# ---- layers " + "-" * 80,
         "",
-        layer_body,
+        layer_body + extra,
         "",
         "",
         "# ---- network " + "-" * 79,
@@ -250,17 +218,51 @@ def _prepare(spec: ArchSpec, model: nn.Module | None, resolution: int | None):
     return model, example, was_training
 
 
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def torchscript_module(model: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
+    """``model`` (in eval mode) traced on ``example`` and frozen: BatchNorm folded, constants
+    inlined. The one TorchScript path, shared by the export and the latency evaluator;
+    raises :class:`ExportError` with a one-line reason."""
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(model, (example,), check_trace=False)
+            return torch.jit.freeze(traced.eval())
+    except Exception as exc:
+        raise ExportError(f"TorchScript trace/freeze failed: {_first_line(exc)}") from exc
+
+
+def onnx_bytes(model: nn.Module, example: torch.Tensor, dynamic_batch: bool = True) -> bytes:
+    """``model`` (in eval mode) as an ONNX graph, in memory: the legacy TorchScript-based
+    exporter at opset :data:`ONNX_OPSET`, input ``input``, output ``logits``, the batch
+    dimension dynamic when ``dynamic_batch``. The one ONNX path, shared by the export and
+    the latency evaluator; raises :class:`ExportError` with a one-line reason."""
+    buf = io.BytesIO()
+    axes = {"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model, (example,), buf, dynamo=False, opset_version=ONNX_OPSET,
+                input_names=["input"], output_names=["logits"], dynamic_axes=axes,
+                do_constant_folding=True,
+            )
+    except Exception as exc:
+        raise ExportError(f"ONNX export failed: {type(exc).__name__}: {_first_line(exc)}") from exc
+    return buf.getvalue()
+
+
 def _torchscript(spec: ArchSpec, path: Path, model: nn.Module | None,
                  resolution: int | None) -> None:
     model, example, was_training = _prepare(spec, model, resolution)
     try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            traced = torch.jit.trace(model, example, check_trace=False)
-            frozen = torch.jit.freeze(traced)
-            torch.jit.save(frozen, str(path), _extra_files={SPEC_FILE: spec.canonical_json()})
+        frozen = torchscript_module(model, example)
     finally:
         model.train(was_training)
+    torch.jit.save(frozen, str(path), _extra_files={SPEC_FILE: spec.canonical_json()})
 
 
 def _onnx(spec: ArchSpec, path: Path, model: nn.Module | None, resolution: int | None) -> None:
@@ -271,17 +273,10 @@ def _onnx(spec: ArchSpec, path: Path, model: nn.Module | None, resolution: int |
                           "(pip install 'fitnas[worker]')") from exc
     model, example, was_training = _prepare(spec, model, resolution)
     try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                model, (example,), str(path), dynamo=False, opset_version=ONNX_OPSET,
-                input_names=["input"], output_names=["logits"],
-                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-                do_constant_folding=True,
-            )
+        data = onnx_bytes(model, example)
     finally:
         model.train(was_training)
-    proto = onnx.load(str(path))
+    proto = onnx.load_from_string(data)
     proto.producer_name = "fitnas"
     for key, value in ((SPEC_FILE, spec.canonical_json()), ("fitnas_spec_hash", spec.hash)):
         prop = proto.metadata_props.add()
@@ -343,9 +338,12 @@ def export_all(spec: ArchSpec, out_dir: str | Path,
 __all__ = [
     "FILE_NAMES",
     "FORMATS",
+    "ONNX_OPSET",
     "ExportError",
     "export",
     "export_all",
+    "onnx_bytes",
     "pytorch_source",
     "spec_json",
+    "torchscript_module",
 ]

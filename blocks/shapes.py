@@ -9,25 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from blocks.spec import (
-    ArchSpec,
-    BottleneckBlock,
-    ConvBlock,
-    DepthwiseSeparableBlock,
-    MBConvBlock,
-    ShuffleBlock,
-    mbconv_mid,
-)
-
-
-class SpecError(ValueError):
-    """A spec that validates field by field but cannot be built; ``field`` is a dotted path
-    such as ``stages[3].block.groups``."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
+from blocks.errors import SpecError
+from blocks.kinds import KINDS
+from blocks.spec import ArchSpec
 
 
 @dataclass(frozen=True)
@@ -48,54 +32,11 @@ def out_size(size: int, stride: int) -> int:
     return (size - 1) // stride + 1
 
 
-def _divides(field: str, groups: int, channels: int, what: str) -> None:
-    if channels % groups:
-        raise SpecError(field, f"groups={groups} does not divide {what} ({channels} channels)")
-
-
 def check_block(block, field: str, cin: int) -> int:
-    """Validate ``block`` given its input width; return its output width."""
-    cout = block.out_channels
-    if isinstance(block, ConvBlock):
-        _divides(f"{field}.groups", block.groups, cin, "the input width")
-        _divides(f"{field}.groups", block.groups, cout, "out_channels")
-        if block.residual and (block.stride != 1 or cin != cout):
-            raise SpecError(
-                f"{field}.residual",
-                f"a residual needs stride 1 and equal widths (stride={block.stride}, "
-                f"in={cin}, out={cout})",
-            )
-    elif isinstance(block, MBConvBlock):
-        mid = mbconv_mid(block, cin)
-        if mid > 8 * 4096:
-            raise SpecError(f"{field}.expand", f"expanded width {mid} is too large")
-    elif isinstance(block, BottleneckBlock):
-        _divides(f"{field}.groups", block.groups, block.mid_channels, "mid_channels")
-    elif isinstance(block, ShuffleBlock):
-        g1 = block.groups if block.first_groups is None else block.first_groups
-        if block.stride not in (1, 2):
-            raise SpecError(f"{field}.stride", "a ShuffleNet unit has stride 1 or 2")
-        if block.stride == 1 and cin != cout:
-            raise SpecError(
-                f"{field}.out_channels",
-                f"a stride-1 ShuffleNet unit adds its input, so out_channels must equal the "
-                f"input width {cin} (got {cout})",
-            )
-        if block.stride == 2 and cout <= cin:
-            raise SpecError(
-                f"{field}.out_channels",
-                f"a stride-2 ShuffleNet unit concatenates its input, so out_channels must exceed "
-                f"the input width {cin} (got {cout})",
-            )
-        branch = cout - cin if block.stride == 2 else cout
-        field_g1 = f"{field}.first_groups" if block.first_groups is not None else f"{field}.groups"
-        _divides(field_g1, g1, cin, "the input width")
-        _divides(field_g1, g1, block.mid_channels, "mid_channels")
-        _divides(f"{field}.groups", block.groups, block.mid_channels, "mid_channels")
-        _divides(f"{field}.groups", block.groups, branch, "the branch width (out - in)")
-    elif isinstance(block, DepthwiseSeparableBlock):
-        pass
-    return cout
+    """Validate ``block`` given its input width (its kind's rules); return its output
+    width."""
+    KINDS[block.kind].check(block, field, cin)
+    return block.out_channels
 
 
 def resolve(spec: ArchSpec, resolution: int | None = None) -> list[ResolvedBlock]:
@@ -129,3 +70,6 @@ def feature_width(spec: ArchSpec, blocks: list[ResolvedBlock] | None = None) -> 
         return spec.head.out_channels
     blocks = blocks if blocks is not None else resolve(spec)
     return blocks[-1].out_channels
+
+
+__all__ = ["ResolvedBlock", "SpecError", "check_block", "feature_width", "out_size", "resolve"]

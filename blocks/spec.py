@@ -16,61 +16,49 @@ Two serial forms, both exact:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-import math
+import operator
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from blocks.fields import (
+    MAX_CHANNELS,
+    MAX_CLASSES,
+    MAX_DILATION,
+    MAX_GROUPS,
+    MAX_KERNEL,
+    MAX_REPEATS,
+    MAX_RESOLUTION,
+    MAX_STAGES,
+    MAX_STRIDE,
+    MIN_RESOLUTION,
+    Activation,
+    BlockSpec,
+    Channels,
+    Dilation,
+    Gate,
+    Groups,
+    Kernel,
+    SESpec,
+    Stride,
+    make_divisible,
+    odd_kernel,
+    se_channels,
+)
+from blocks.fields import Strict as _Strict
+from blocks.kinds import KINDS
+from blocks.kinds.bottleneck import BottleneckBlock
+from blocks.kinds.conv import ConvBlock
+from blocks.kinds.ds import DepthwiseSeparableBlock
+from blocks.kinds.factorized import FactorizedBlock
+from blocks.kinds.mbconv import MBConvBlock, mbconv_mid
+from blocks.kinds.shuffle import ShuffleBlock
+from blocks.kinds.spatial_sep import SpatialSepBlock
 
 SCHEMA_VERSION = 1
-
-# Bounds. They are generous for real mobile/edge CNNs (ResNeXt-101 fits) and small enough
-# that one spec cannot ask for a tensor that would exhaust a worker's memory.
-MAX_CHANNELS = 4096
-MAX_KERNEL = 11
-MAX_STRIDE = 4
-MAX_DILATION = 8
-MAX_REPEATS = 32
-MAX_STAGES = 24
-MIN_RESOLUTION = 8
-MAX_RESOLUTION = 1024
-MAX_CLASSES = 100_000
-MAX_GROUPS = 1024
-
-Activation = Literal["relu", "relu6", "hswish", "swish", "gelu", "sigmoid", "hsigmoid", "none"]
-Gate = Literal["sigmoid", "hsigmoid"]
-
-Channels = Annotated[int, Field(ge=1, le=MAX_CHANNELS)]
-Kernel = Annotated[int, Field(ge=1, le=MAX_KERNEL)]
-Stride = Annotated[int, Field(ge=1, le=MAX_STRIDE)]
-Dilation = Annotated[int, Field(ge=1, le=MAX_DILATION)]
-Groups = Annotated[int, Field(ge=1, le=MAX_GROUPS)]
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def _odd_kernel(kernel: int) -> int:
-    if kernel % 2 == 0:
-        raise ValueError(f"kernel must be odd (got {kernel}); even kernels have no 'same' padding")
-    return kernel
-
-
-class SESpec(_Strict):
-    """Squeeze-and-excitation: global pool -> 1x1 reduce -> act -> 1x1 expand -> gate.
-
-    Squeeze width = ``int(base * ratio)`` (at least 1), then rounded to a multiple of
-    ``divisor`` the way torchvision's ``_make_divisible`` does when ``divisor > 1``.
-    ``base`` is the block's input width (EfficientNet) or its expanded width (MobileNetV3).
-    """
-
-    ratio: float = Field(0.25, gt=0.0, le=1.0)
-    base: Literal["in", "mid"] = "mid"
-    divisor: int = Field(1, ge=1, le=64)
-    act: Activation = "relu"
-    gate: Gate = "sigmoid"
 
 
 class ConvLayer(_Strict):
@@ -83,115 +71,18 @@ class ConvLayer(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> ConvLayer:
-        _odd_kernel(self.kernel)
+        odd_kernel(self.kernel)
         return self
 
 
-class _BlockBase(_Strict):
-    kind: str
-    out_channels: Channels
-    kernel: Kernel = 3
-    stride: Stride = 1
-    act: Activation = "relu"
-
-    @model_validator(mode="after")
-    def _check_kernel(self) -> _BlockBase:
-        _odd_kernel(self.kernel)
-        return self
-
-
-class ConvBlock(_BlockBase):
-    """conv-norm-act: standard, 1x1 (kernel 1), grouped (groups > 1), depthwise
-    (groups == in == out) and dilated (dilation > 1). ``residual`` adds the input when
-    stride is 1 and widths match."""
-
-    kind: Literal["conv"] = "conv"
-    dilation: Dilation = 1
-    groups: Groups = 1
-    residual: bool = False
-
-
-class FactorizedBlock(_BlockBase):
-    """kx1 conv-norm-act then 1xk conv-norm-act (Inception-style factorization)."""
-
-    kind: Literal["factorized"] = "factorized"
-
-
-class SpatialSepBlock(_BlockBase):
-    """Spatially separable convolution: kx1 then 1xk with nothing between (a rank-1
-    factorization of a kxk kernel), then norm and act."""
-
-    kind: Literal["spatial_sep"] = "spatial_sep"
-
-
-class DepthwiseSeparableBlock(_BlockBase):
-    """MobileNetV1: depthwise kxk-norm-act [-> SE] -> pointwise 1x1-norm[-act]."""
-
-    kind: Literal["ds"] = "ds"
-    dilation: Dilation = 1
-    se: SESpec | None = None
-    pw_act: bool = True
-    residual: bool = False
-
-
-class MBConvBlock(_BlockBase):
-    """Inverted residual / MBConv (MobileNetV2/V3, MnasNet, EfficientNet): 1x1 expand
-    (skipped when the expanded width equals the input) -> depthwise kxk -> [SE] -> linear
-    1x1 projection; identity shortcut when stride is 1 and widths match.
-
-    Expanded width: ``mid_channels`` when given, else ``round(in * expand)``."""
-
-    kind: Literal["mbconv"] = "mbconv"
-    expand: float = Field(6.0, ge=0.1, le=16.0)
-    mid_channels: Channels | None = None
-    dilation: Dilation = 1
-    se: SESpec | None = None
-    residual: bool = True
-
-
-class BottleneckBlock(_BlockBase):
-    """ResNet/ResNeXt bottleneck: 1x1 -> kxk (grouped, strided) -> 1x1, norm after each,
-    act after the first two and after the residual sum; projection shortcut (1x1 conv +
-    norm) when stride or width changes."""
-
-    kind: Literal["bottleneck"] = "bottleneck"
-    mid_channels: Channels
-    groups: Groups = 1
-    dilation: Dilation = 1
-
-
-class ShuffleBlock(_BlockBase):
-    """ShuffleNet V1 unit: grouped 1x1 -> act -> channel shuffle -> depthwise kxk ->
-    grouped 1x1; stride 1 adds the input, stride 2 concatenates a 3x3 average-pooled
-    input (the branch then produces ``out - in`` channels). ``first_groups`` overrides
-    the groups of the first 1x1 (ShuffleNet does not group it in its first unit)."""
-
-    kind: Literal["shuffle"] = "shuffle"
-    mid_channels: Channels
-    groups: Groups = 3
-    first_groups: Groups | None = None
-
-
+# The stage's block: one of the kinds of the table, chosen by its "kind" field.
 Block = Annotated[
-    ConvBlock
-    | FactorizedBlock
-    | SpatialSepBlock
-    | DepthwiseSeparableBlock
-    | MBConvBlock
-    | BottleneckBlock
-    | ShuffleBlock,
+    functools.reduce(operator.or_, (k.spec for k in KINDS.values())),
     Field(discriminator="kind"),
 ]
 
-BLOCK_KINDS: dict[str, type[_BlockBase]] = {
-    "conv": ConvBlock,
-    "factorized": FactorizedBlock,
-    "spatial_sep": SpatialSepBlock,
-    "ds": DepthwiseSeparableBlock,
-    "mbconv": MBConvBlock,
-    "bottleneck": BottleneckBlock,
-    "shuffle": ShuffleBlock,
-}
+BLOCK_KINDS: dict[str, type[BlockSpec]] = {name: k.spec for name, k in KINDS.items()}
+_BlockBase = BlockSpec
 
 
 class Stage(_Strict):
@@ -258,25 +149,38 @@ class ArchSpec(_Strict):
         return self.model_validate({**self.model_dump(), "resolution": resolution})
 
 
-
-def make_divisible(value: float, divisor: int = 8, min_value: int | None = None) -> int:
-    """torchvision/TF rounding of channel counts to a multiple of ``divisor`` that does not
-    go more than 10% below ``value``."""
-    if min_value is None:
-        min_value = divisor
-    new_value = max(min_value, int(value + divisor / 2) // divisor * divisor)
-    if new_value < 0.9 * value:
-        new_value += divisor
-    return int(new_value)
-
-
-def se_channels(se: SESpec, in_channels: int, mid_channels: int) -> int:
-    base = in_channels if se.base == "in" else mid_channels
-    raw = max(1, math.floor(base * se.ratio + 1e-9))
-    return make_divisible(raw, se.divisor) if se.divisor > 1 else raw
-
-
-def mbconv_mid(block: MBConvBlock, in_channels: int) -> int:
-    if block.mid_channels is not None:
-        return block.mid_channels
-    return max(1, round(in_channels * block.expand))
+__all__ = [
+    "BLOCK_KINDS",
+    "MAX_CHANNELS",
+    "MAX_CLASSES",
+    "MAX_DILATION",
+    "MAX_GROUPS",
+    "MAX_KERNEL",
+    "MAX_REPEATS",
+    "MAX_RESOLUTION",
+    "MAX_STAGES",
+    "MAX_STRIDE",
+    "MIN_RESOLUTION",
+    "SCHEMA_VERSION",
+    "Activation",
+    "ArchSpec",
+    "Block",
+    "BlockSpec",
+    "BottleneckBlock",
+    "Classifier",
+    "ConvBlock",
+    "ConvLayer",
+    "DepthwiseSeparableBlock",
+    "Dilation",
+    "FactorizedBlock",
+    "Gate",
+    "Groups",
+    "MBConvBlock",
+    "SESpec",
+    "ShuffleBlock",
+    "SpatialSepBlock",
+    "Stage",
+    "make_divisible",
+    "mbconv_mid",
+    "se_channels",
+]

@@ -18,15 +18,14 @@ job; this module raises on failure.
 from __future__ import annotations
 
 import contextlib
-import io
 import math
 import random
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from blocks.export import ONNX_OPSET, ExportError, onnx_bytes, torchscript_module
 from blocks.spec import ArchSpec
 from search.evaluators import fingerprint as fp
 from search.evaluators.stats import median, robust_cv, summarize
@@ -38,15 +37,10 @@ BLOCK_TARGET_CUDA_S = 5e-3
 WARMUP_MIN_CALLS = 3
 MAX_ATTEMPTS = 3  # the first measurement plus up to two more when the spread is too wide
 LOAD_SAMPLE_S = 0.25
-ONNX_OPSET = 17
 
 
 class UnsupportedSettings(ValueError):
     """The settings ask for something this runtime / device cannot do."""
-
-
-class ExportError(RuntimeError):
-    """The model could not be exported for the requested runtime (TorchScript or ONNX)."""
 
 
 _DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
@@ -121,27 +115,6 @@ def build_folded(spec: ArchSpec):
     return folded
 
 
-def export_onnx_bytes(model, example) -> bytes:
-    """Export to ONNX in memory; raises :class:`ExportError` with a one-line reason."""
-    import torch
-
-    buf = io.BytesIO()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                torch.onnx.export(model, (example,), buf, dynamo=False, opset_version=ONNX_OPSET,
-                                  input_names=["input"], output_names=["logits"],
-                                  do_constant_folding=True)
-            except TypeError:  # a torch without the legacy exporter switch
-                torch.onnx.export(model, (example,), buf, input_names=["input"],
-                                  output_names=["logits"])
-    except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ExportError(f"ONNX export failed: {type(exc).__name__}: {first}") from exc
-    return buf.getvalue()
-
-
 def prepare(spec: ArchSpec, settings: MeasureSettings, resolution: int, threads: int,
             name: str = "model") -> Prepared:
     """Build, fold and load ``spec`` into the runtime of ``settings``."""
@@ -160,14 +133,7 @@ def prepare(spec: ArchSpec, settings: MeasureSettings, resolution: int, threads:
         model = model.to(device=device, dtype=dtype, memory_format=fmt)
         x = x.to(device=device, dtype=dtype).contiguous(memory_format=fmt)
         if settings.runtime == "torchscript":
-            try:
-                with torch.no_grad(), warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    traced = torch.jit.trace(model, (x,), check_trace=False)
-                    model = torch.jit.freeze(traced.eval())
-            except Exception as exc:
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                raise ExportError(f"TorchScript trace/freeze failed: {first}") from exc
+            model = torchscript_module(model, x)
 
         def call(model=model, x=x):
             return model(x)
@@ -184,7 +150,7 @@ def prepare(spec: ArchSpec, settings: MeasureSettings, resolution: int, threads:
     if cuda:
         model = model.to(device=device, dtype=dtype)
         x = x.to(device=device, dtype=dtype)
-    data = export_onnx_bytes(model, x)
+    data = onnx_bytes(model, x, dynamic_batch=False)
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
