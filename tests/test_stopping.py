@@ -100,3 +100,42 @@ def test_too_wide_never_stops_early(name):
     assert (hi - lo) / 2 > BUDGET.precision * median(moved[:9])  # clear, but too wide
     stop = simulate(moved, BUDGET)
     assert stop.rounds > 9 and stop.reason in ("max_rounds", "below_budget")
+
+
+def test_search_tasks_carry_the_budget_outside_the_study_identity():
+    from blocks import load_spec
+    from search.study import Budgets, SearchConfig
+
+    spec = load_spec("preset:mobilenet_v2@0.25")
+    ratio = SearchConfig(space="default", budgets=Budgets(max_latency_ratio=1.0))
+    task = ratio.eval_task(spec)
+    assert task.budget == LatencyBudget(ratio=1.0) and task.measure == ratio.measure
+    ms = SearchConfig(space="default", budgets=Budgets(max_latency_ms=20.0))
+    assert ms.eval_task(spec).budget == LatencyBudget(ms=20.0)
+    assert SearchConfig(space="default", budgets=Budgets(max_params=10**6)) \
+        .eval_task(spec).budget is None
+    # the budget is not a setting of the measurement: the same spec, the same key
+    assert ratio.measure.key(spec.hash, "cpu") == ms.measure.key(spec.hash, "cpu")
+    assert "budget" not in ratio.identity()["measure"]
+
+
+def test_budget_aware_measurement_records_how_it_stopped():
+    from blocks import load_spec
+    from search.evaluators.latency import measure_latency
+    from search.evaluators.types import MeasureSettings
+
+    settings = MeasureSettings(resolution=32, min_run_time_s=0.02, rounds=3, threads=1,
+                               reference="preset:mobilenet_v2@0.25")
+    budget = LatencyBudget(ratio=100.0, round_s=0.01, max_rounds=14)
+    r = measure_latency(load_spec("preset:mobilenet_v2@0.25"), settings, budget)
+    stop = r.stopping
+    assert stop is not None and stop.reason in ("below_budget", "max_rounds")
+    assert stop.rounds in (9, 14) and r.ratio_to_reference.n == stop.rounds
+    assert r.load["rounds"] == stop.rounds and stop.looks >= 1
+    lo, hi = stop.intervals["ratio"]
+    assert lo <= r.ratio_to_reference.median <= hi
+    if stop.reason == "below_budget":
+        assert hi < 100.0 * (1 - budget.margin) and stop.rounds == 9
+    # without a budget, the fixed protocol
+    fixed = measure_latency(load_spec("preset:mobilenet_v2@0.25"), settings)
+    assert fixed.stopping is None and fixed.ratio_to_reference.n % settings.rounds == 0
