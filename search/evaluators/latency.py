@@ -35,7 +35,7 @@ from typing import Any
 from blocks.spec import ArchSpec
 from search.evaluators import allocator
 from search.evaluators import fingerprint as fp
-from search.evaluators.stats import median, robust_cv, summarize
+from search.evaluators.stats import median, median_interval, robust_cv, summarize
 from search.evaluators.stopping import StoppingRule, default_max_rounds
 from search.evaluators.types import (
     LatencyBudget,
@@ -325,6 +325,7 @@ class Attempt:
     cand_stats: LatencyStats
     ref_stats: LatencyStats | None
     ratio_stats: LatencyStats | None
+    round_medians: list[float] = field(default_factory=list)  # the candidate's, per round
 
     def spread(self) -> float:
         """What decides a new attempt: the robust CV of the candidate's block samples and
@@ -359,19 +360,23 @@ def run_rounds(cand: Prepared, ref: Prepared | None, rounds: int,
     cand_all: list[float] = []
     ref_all: list[float] = []
     ratios: list[float] = []
+    medians: list[float] = []
     rng = random.Random(0)
     for _ in range(rounds):
         if ref is None:
-            cand_all += timed_round(cand, min_run_time)
+            c = timed_round(cand, min_run_time)
+            cand_all += c
+            medians.append(median(c))
             continue
         c, f = interleaved_round(cand, ref, min_run_time, rng)
+        medians.append(median(c))
         cand_all += c
         ref_all += f
         ratios.append(median(c) / median(f))
     return Attempt(
         cand_all, ref_all, ratios, summarize(cand_all),
         summarize(ref_all) if ref_all else None,
-        summarize(ratios) if ratios else None,
+        summarize(ratios) if ratios else None, medians,
     )
 
 
@@ -382,8 +387,9 @@ def pool(attempts: list[Attempt]) -> Attempt:
     cand = [v for a in attempts for v in a.cand]
     ref = [v for a in attempts for v in a.ref]
     ratios = [v for a in attempts for v in a.ratios]
+    medians = [v for a in attempts for v in a.round_medians]
     return Attempt(cand, ref, ratios, summarize(cand), summarize(ref) if ref else None,
-                   summarize(ratios) if ratios else None)
+                   summarize(ratios) if ratios else None, medians)
 
 
 @contextlib.contextmanager
@@ -400,6 +406,17 @@ def torch_threads(threads: int) -> Iterator[None]:
 
 def resolve_threads(settings: MeasureSettings, before: dict[str, Any]) -> tuple[int, list[str]]:
     return fp.choose_threads(settings.threads, before)
+
+
+def round_intervals(a: Attempt, confidence: float = 0.95) -> dict[str, tuple[float, float]]:
+    """The distribution-free interval of the median of the per-round values ('ms': the
+    candidate's round medians, 'ratio': the round ratios), where there are enough rounds."""
+    out = {}
+    for name, values in (("ms", a.round_medians), ("ratio", a.ratios)):
+        iv = median_interval(values, 1 - confidence) if values else None
+        if iv is not None:
+            out[name] = iv
+    return out
 
 
 def run_until_decided(cand: Prepared, ref: Prepared | None, budget: LatencyBudget,
@@ -429,7 +446,7 @@ def run_until_decided(cand: Prepared, ref: Prepared | None, budget: LatencyBudge
         reason = rule.update(series)
     attempt = Attempt(cand_all, ref_all, ratios, summarize(cand_all),
                       summarize(ref_all) if ref_all else None,
-                      summarize(ratios) if ratios else None)
+                      summarize(ratios) if ratios else None, medians)
     return attempt, rule.info(reason, len(medians))
 
 
@@ -478,6 +495,7 @@ def measure_latency(spec: ArchSpec, settings: MeasureSettings,
 
     allocator.apply()
     load_s = LOAD_SAMPLE_S if budget is None else LOAD_SAMPLE_BUDGET_S
+    clock = time.perf_counter()
     before = fp.sample_load(load_s)
     threads, notes = resolve_threads(settings, before)
     free = fp.free_cores(before)
@@ -490,11 +508,13 @@ def measure_latency(spec: ArchSpec, settings: MeasureSettings,
             torch.cuda.set_device(torch.device(settings.device))
             torch.backends.cudnn.benchmark = True
         with torch.no_grad():
+            t_build = time.perf_counter()
             cand = prepare(spec, settings, resolution, threads, name="candidate")
             ref = None
             if ref_spec is not None:
                 ref, ref_reused = _prepare_reference(ref_spec, settings, ref_resolution,
                                                      threads)
+        t_warm = time.perf_counter()
         with torch.inference_mode():
             warm_up(cand, warm_s)
             calibrate(cand)
@@ -504,6 +524,7 @@ def measure_latency(spec: ArchSpec, settings: MeasureSettings,
                 warm_up(ref, warm_s)
                 calibrate(ref)
             window = fp.LoadWindow().start()
+            t_timed = time.perf_counter()
             if budget is None:
                 attempts = [run_rounds(cand, ref, settings.rounds, settings.min_run_time_s)]
                 while (attempts[-1].spread() > settings.max_cv
@@ -516,7 +537,11 @@ def measure_latency(spec: ArchSpec, settings: MeasureSettings,
                 attempt, stop = run_until_decided(cand, ref, budget, max_rounds)
                 attempts = [attempt]
             during = window.stop()
+    t_after = time.perf_counter()
     after = fp.sample_load(load_s)
+    phases = {"load_sampling": t_build - clock + time.perf_counter() - t_after,
+              "build": t_warm - t_build, "warm_up": t_timed - t_warm,
+              "timed": t_after - t_timed}
 
     best = pool(attempts)
     remeasured = len(attempts) > 1
@@ -579,6 +604,8 @@ def measure_latency(spec: ArchSpec, settings: MeasureSettings,
         contended=contended,
         remeasured=remeasured,
         stopping=stop,
+        phases={k: round(v, 4) for k, v in phases.items()},
+        intervals=round_intervals(best),
         notes=notes,
         params=cost.params,
         macs=cost.macs,

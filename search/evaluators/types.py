@@ -155,6 +155,12 @@ class LatencyResult(_Model):
     contended: bool = False
     remeasured: bool = False
     stopping: StopInfo | None = Field(None, description="budget-aware measurements only")
+    intervals: dict[str, tuple[float, float]] = Field(
+        default_factory=dict, description="95 % distribution-free interval of the median of "
+        "the per-round values: 'ratio' (round ratios), 'ms' (the candidate's round medians)")
+    phases: dict[str, float] = Field(default_factory=dict, description="seconds spent in "
+                                     "load sampling, build (and export), warm-up (and "
+                                     "calibration), timed rounds")
     notes: list[str] = Field(default_factory=list)
     params: int
     macs: int
