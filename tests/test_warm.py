@@ -142,3 +142,24 @@ def test_warm_child_dies_with_its_parent(tmp_path):
             return
         threading.Event().wait(0.05)  # polling for the process to go, not for time
     raise AssertionError("the warm child outlived its parent")
+
+
+def test_warm_and_one_shot_agree_within_their_spread():
+    """The same specs, fixed protocol, measured by fresh one-shot children and by one
+    warm child (the second spec on a used child, the reference kept from the first):
+    the ratios' medians differ by less than the two measurements' spreads (IQR)."""
+    settings = MeasureSettings(resolution=64, min_run_time_s=0.05, rounds=5, threads=1,
+                               reference="preset:mobilenet_v2@0.35", max_cv=1.0)
+    specs = ["preset:mobilenet_v2@0.25", "preset:mobilenet_v3_small@0.5"]
+    tasks = [EvalTask(spec=load_spec(s).canonical_dict(), measure=settings, timeout_s=120)
+             for s in specs]
+    with WarmEvaluator(prespawn=False) as w:
+        warm = [w(t) for t in tasks]
+    one_shot = [evaluate(t) for t in tasks]
+    assert warm[1].latency.device["reference_reused"] is True
+    assert not warm[1].evaluator.fresh
+    for a, b in zip(warm, one_shot, strict=True):
+        assert a.ok and b.ok, (a.failure, b.failure)
+        ra, rb = a.latency.ratio_to_reference, b.latency.ratio_to_reference
+        assert abs(ra.median - rb.median) <= ra.iqr + rb.iqr, (ra, rb)
+        assert a.latency.device["allocator"] == b.latency.device["allocator"]
