@@ -84,13 +84,12 @@ class SearchResult:
         }
 
 
-def default_evaluator(data_sources: dict[str, str] | None = None) -> Evaluator:
-    from search.evaluators.runner import evaluate
+def default_evaluator(data_sources: dict[str, str] | None = None):
+    """The search's evaluator for its lifetime: a warm child process (imports and the
+    reference paid once, recycled every N tasks; the caller closes it)."""
+    from search.evaluators.warm import WarmEvaluator
 
-    def run(task: EvalTask) -> EvalOutcome:
-        return evaluate(task, isolated=True, data_sources=data_sources)
-
-    return run
+    return WarmEvaluator(data_sources)
 
 
 @contextlib.contextmanager
@@ -247,13 +246,26 @@ def run_search(config: SearchConfig, storage: str, study_name: str, out_dir: str
     ``interrupted``) to this process's running trial."""
     import optuna
 
-    from search import report
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     t0 = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    evaluate = evaluate or default_evaluator(data_sources)
+    owned = None
+    if evaluate is None:
+        evaluate = owned = default_evaluator(data_sources)
+    try:
+        return _run_search(config, storage, study_name, out, progress, presets, evaluate,
+                           console, export, t0)
+    finally:
+        if owned is not None:
+            owned.close()
+
+
+def _run_search(config: SearchConfig, storage: str, study_name: str, out: Path,
+                progress: bool, presets: tuple[str, ...] | list[str], evaluate: Evaluator,
+                console, export: bool, t0: float) -> SearchResult:
+    from search import report
+
     cache = SQLMeasurementCache(storage)
     driver = SearchDriver.open(storage, study_name, config, cache, mode="local",
                                owner=process_owner())

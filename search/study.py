@@ -35,6 +35,7 @@ from blocks.spec import ArchSpec
 from search.evaluators.types import (
     EvalOutcome,
     EvalTask,
+    LatencyBudget,
     MeasureSettings,
     QualitySettings,
 )
@@ -151,12 +152,20 @@ class SearchConfig(_Model):
         return hashlib.sha256(f"{key}|{q}".encode()).hexdigest()
 
     def eval_task(self, spec: ArchSpec) -> EvalTask:
+        """The task for ``spec``. With a latency budget the task carries it, so the
+        measurement stops once the decision is clear (docs/measurement.md); that is not
+        part of the cache key nor of the study's identity."""
+        b = self.budgets
+        budget = None
+        if b.max_latency_ms is not None or b.max_latency_ratio is not None:
+            budget = LatencyBudget(ms=b.max_latency_ms, ratio=b.max_latency_ratio)
         return EvalTask(
             spec=spec.canonical_dict(),
             measure=self.measure,
             quality=None if self.quality.signal == "none" else self.quality,
             timeout_s=self.timeout_s,
             memory_mb=self.memory_mb,
+            budget=budget,
         )
 
 

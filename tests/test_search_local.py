@@ -136,8 +136,7 @@ def test_ctrl_c_then_the_same_command_resumes(tmp_path):
             time.sleep(0.3)
         else:
             pytest.fail("the search did not get to its second trial in time")
-        time.sleep(0.5)  # inside the evaluation
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGINT)  # inside the evaluation (a warm one lasts < 1 s)
         _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:

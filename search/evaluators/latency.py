@@ -11,6 +11,11 @@ drawn at random) for ``2 * min_run_time_s``, and gives one ratio (candidate medi
 median of that round): a figure that survives the drift of a shared machine far better
 than absolute milliseconds.
 
+With a latency budget (``EvalTask.budget``) the rounds are short and the measurement
+stops as soon as the decision against the budget is clear (:mod:`.stopping`); without
+one, the fixed protocol above. Either way the process's allocator thresholds are fixed
+first (:mod:`.allocator`), so the figure does not depend on what ran before.
+
 Isolation (child process, timeout, memory ceiling) is :mod:`search.evaluators.runner`'s
 job; this module raises on failure.
 """
@@ -27,9 +32,17 @@ from typing import Any
 
 from blocks.export import ONNX_OPSET, ExportError, onnx_bytes, torchscript_module
 from blocks.spec import ArchSpec
+from search.evaluators import allocator
 from search.evaluators import fingerprint as fp
-from search.evaluators.stats import median, robust_cv, summarize
-from search.evaluators.types import LatencyResult, LatencyStats, MeasureSettings
+from search.evaluators.stats import median, median_interval, robust_cv, summarize
+from search.evaluators.stopping import StoppingRule, default_max_rounds
+from search.evaluators.types import (
+    LatencyBudget,
+    LatencyResult,
+    LatencyStats,
+    MeasureSettings,
+    StopInfo,
+)
 
 # One block of calls lasts at least this long, so that reading the clock costs < 0.1%.
 BLOCK_TARGET_S = 1e-3
@@ -37,6 +50,18 @@ BLOCK_TARGET_CUDA_S = 5e-3
 WARMUP_MIN_CALLS = 3
 MAX_ATTEMPTS = 3  # the first measurement plus up to two more when the spread is too wide
 LOAD_SAMPLE_S = 0.25
+LOAD_SAMPLE_BUDGET_S = 0.1  # budget-aware: the thread choice needs no more (README figures)
+
+# A long-lived evaluator process keeps the prepared reference network between tasks
+# (still timed interleaved with each candidate); None: prepare it for every measurement.
+_reference_cache: dict[tuple, Prepared] | None = None
+
+
+def enable_reference_reuse() -> None:
+    """Keep the last prepared reference for the next measurement in this process."""
+    global _reference_cache
+    if _reference_cache is None:
+        _reference_cache = {}
 
 
 class UnsupportedSettings(ValueError):
@@ -266,6 +291,7 @@ class Attempt:
     cand_stats: LatencyStats
     ref_stats: LatencyStats | None
     ratio_stats: LatencyStats | None
+    round_medians: list[float] = field(default_factory=list)  # the candidate's, per round
 
     def spread(self) -> float:
         """What decides a new attempt: the robust CV of the candidate's block samples and
@@ -300,19 +326,23 @@ def run_rounds(cand: Prepared, ref: Prepared | None, rounds: int,
     cand_all: list[float] = []
     ref_all: list[float] = []
     ratios: list[float] = []
+    medians: list[float] = []
     rng = random.Random(0)
     for _ in range(rounds):
         if ref is None:
-            cand_all += timed_round(cand, min_run_time)
+            c = timed_round(cand, min_run_time)
+            cand_all += c
+            medians.append(median(c))
             continue
         c, f = interleaved_round(cand, ref, min_run_time, rng)
+        medians.append(median(c))
         cand_all += c
         ref_all += f
         ratios.append(median(c) / median(f))
     return Attempt(
         cand_all, ref_all, ratios, summarize(cand_all),
         summarize(ref_all) if ref_all else None,
-        summarize(ratios) if ratios else None,
+        summarize(ratios) if ratios else None, medians,
     )
 
 
@@ -323,8 +353,9 @@ def pool(attempts: list[Attempt]) -> Attempt:
     cand = [v for a in attempts for v in a.cand]
     ref = [v for a in attempts for v in a.ref]
     ratios = [v for a in attempts for v in a.ratios]
+    medians = [v for a in attempts for v in a.round_medians]
     return Attempt(cand, ref, ratios, summarize(cand), summarize(ref) if ref else None,
-                   summarize(ratios) if ratios else None)
+                   summarize(ratios) if ratios else None, medians)
 
 
 @contextlib.contextmanager
@@ -343,8 +374,67 @@ def resolve_threads(settings: MeasureSettings, before: dict[str, Any]) -> tuple[
     return fp.choose_threads(settings.threads, before)
 
 
-def measure_latency(spec: ArchSpec, settings: MeasureSettings) -> LatencyResult:
-    """Measure ``spec`` under ``settings`` in this process (see the module docstring).
+def round_intervals(a: Attempt, confidence: float = 0.95) -> dict[str, tuple[float, float]]:
+    """The distribution-free interval of the median of the per-round values ('ms': the
+    candidate's round medians, 'ratio': the round ratios), where there are enough rounds."""
+    out = {}
+    for name, values in (("ms", a.round_medians), ("ratio", a.ratios)):
+        iv = median_interval(values, 1 - confidence) if values else None
+        if iv is not None:
+            out[name] = iv
+    return out
+
+
+def run_until_decided(cand: Prepared, ref: Prepared | None, budget: LatencyBudget,
+                      max_rounds: int) -> tuple[Attempt, StopInfo]:
+    """Short rounds (``budget.round_s`` per model) until :class:`StoppingRule` says the
+    decision is clear, or ``max_rounds``. The series it judges: per-round ratios (ratio
+    budget) and per-round candidate medians (ms budget)."""
+    rule = StoppingRule(budget, max_rounds)
+    rng = random.Random(0)
+    cand_all: list[float] = []
+    ref_all: list[float] = []
+    ratios: list[float] = []
+    medians: list[float] = []
+    reason = None
+    while reason is None:
+        if ref is None:
+            c = timed_round(cand, budget.round_s)
+        else:
+            c, f = interleaved_round(cand, ref, budget.round_s, rng)
+            ref_all += f
+            ratios.append(median(c) / median(f))
+        cand_all += c
+        medians.append(median(c))
+        series = {"ms": medians}
+        if ref is not None:
+            series["ratio"] = ratios
+        reason = rule.update(series)
+    attempt = Attempt(cand_all, ref_all, ratios, summarize(cand_all),
+                      summarize(ref_all) if ref_all else None,
+                      summarize(ratios) if ratios else None, medians)
+    return attempt, rule.info(reason, len(medians))
+
+
+def _prepare_reference(ref_spec: ArchSpec, settings: MeasureSettings, resolution: int,
+                       threads: int) -> tuple[Prepared, bool]:
+    """The reference, prepared here or kept from the previous measurement of this process
+    (:func:`enable_reference_reuse`). Returns (prepared, reused)."""
+    global _reference_cache
+    key = (settings.reference, settings.runtime, settings.device, settings.batch, resolution,
+           settings.dtype, settings.channels_last, threads)
+    if _reference_cache is not None and key in _reference_cache:
+        return _reference_cache[key], True
+    ref = prepare(ref_spec, settings, resolution, threads, name="reference")
+    if _reference_cache is not None:
+        _reference_cache = {key: ref}  # one: a new key replaces the old
+    return ref, False
+
+
+def measure_latency(spec: ArchSpec, settings: MeasureSettings,
+                    budget: LatencyBudget | None = None) -> LatencyResult:
+    """Measure ``spec`` under ``settings`` in this process (see the module docstring);
+    with a non-empty ``budget``, until the decision against it is clear.
 
     Raises :class:`UnsupportedSettings`, :class:`ExportError`,
     :class:`blocks.shapes.SpecError` / :class:`blocks.load.SpecLoadError` (the spec or the
@@ -366,31 +456,58 @@ def measure_latency(spec: ArchSpec, settings: MeasureSettings) -> LatencyResult:
         except SpecLoadError as exc:
             raise SpecLoadError(f"reference {settings.reference!r}: {exc}") from exc
     ref_resolution = settings.resolution or (ref_spec.resolution if ref_spec else resolution)
+    if budget is not None and budget.is_empty():
+        budget = None
 
-    before = fp.sample_load(LOAD_SAMPLE_S)
+    allocator.apply()
+    load_s = LOAD_SAMPLE_S if budget is None else LOAD_SAMPLE_BUDGET_S
+    clock = time.perf_counter()
+    before = fp.sample_load(load_s)
     threads, notes = resolve_threads(settings, before)
     free = fp.free_cores(before)
-    warm_s = max(0.05, settings.min_run_time_s)
+    warm_s = max(0.05, settings.min_run_time_s if budget is None else 2 * budget.round_s)
+    stop: StopInfo | None = None
+    ref_reused = False
 
     with torch_threads(threads):
         if settings.device.startswith("cuda"):
             torch.cuda.set_device(torch.device(settings.device))
             torch.backends.cudnn.benchmark = True
         with torch.no_grad():
+            t_build = time.perf_counter()
             cand = prepare(spec, settings, resolution, threads, name="candidate")
-            ref = (prepare(ref_spec, settings, ref_resolution, threads, name="reference")
-                   if ref_spec is not None else None)
+            ref = None
+            if ref_spec is not None:
+                ref, ref_reused = _prepare_reference(ref_spec, settings, ref_resolution,
+                                                     threads)
+        t_warm = time.perf_counter()
         with torch.inference_mode():
-            for p in (cand, ref):
-                if p is not None:
-                    warm_up(p, warm_s)
-                    calibrate(p)
+            warm_up(cand, warm_s)
+            calibrate(cand)
+            if ref is not None and ref_reused:
+                warm_up(ref, 0.0)  # a few calls: back into the caches; blocks as before
+            elif ref is not None:
+                warm_up(ref, warm_s)
+                calibrate(ref)
             window = fp.LoadWindow().start()
-            attempts = [run_rounds(cand, ref, settings.rounds, settings.min_run_time_s)]
-            while attempts[-1].spread() > settings.max_cv and len(attempts) < MAX_ATTEMPTS:
-                attempts.append(run_rounds(cand, ref, settings.rounds, settings.min_run_time_s))
+            t_timed = time.perf_counter()
+            if budget is None:
+                attempts = [run_rounds(cand, ref, settings.rounds, settings.min_run_time_s)]
+                while (attempts[-1].spread() > settings.max_cv
+                       and len(attempts) < MAX_ATTEMPTS):
+                    attempts.append(run_rounds(cand, ref, settings.rounds,
+                                               settings.min_run_time_s))
+            else:
+                max_rounds = default_max_rounds(budget, settings.rounds,
+                                                settings.min_run_time_s, MAX_ATTEMPTS)
+                attempt, stop = run_until_decided(cand, ref, budget, max_rounds)
+                attempts = [attempt]
             during = window.stop()
-    after = fp.sample_load(LOAD_SAMPLE_S)
+    t_after = time.perf_counter()
+    after = fp.sample_load(load_s)
+    phases = {"load_sampling": t_build - clock + time.perf_counter() - t_after,
+              "build": t_warm - t_build, "warm_up": t_timed - t_warm,
+              "timed": t_after - t_timed}
 
     best = pool(attempts)
     remeasured = len(attempts) > 1
@@ -426,12 +543,16 @@ def measure_latency(spec: ArchSpec, settings: MeasureSettings) -> LatencyResult:
             "perf_counter+synchronize" if cand.cuda else "perf_counter"),
         "calls_per_block": cand.number,
         "runtime_info": cand.info,
+        "allocator": allocator.describe(),
     })
     if settings.device.startswith("cuda"):
         device["cudnn_benchmark"] = True
     if ref is not None:
         device["reference_input_shape"] = list(ref.input_shape)
         device["reference_calls_per_block"] = ref.number
+        device["reference_reused"] = ref_reused
+    if stop is not None and stop.reason == "max_rounds":
+        notes.append(f"close to the budget: measured the maximum of {stop.rounds} rounds")
 
     dtype_bytes = 2 if settings.dtype in ("float16", "bfloat16") else 4
     cost = estimate_cost(spec, resolution, settings.batch, dtype_bytes=dtype_bytes)
@@ -444,9 +565,13 @@ def measure_latency(spec: ArchSpec, settings: MeasureSettings) -> LatencyResult:
         settings=settings,
         device=device,
         load={"before": before, "during": during, "after": after, "free_cores": free,
-              "attempts": len(attempts)},
+              "attempts": len(attempts),
+              "rounds": stop.rounds if stop is not None else settings.rounds * len(attempts)},
         contended=contended,
         remeasured=remeasured,
+        stopping=stop,
+        phases={k: round(v, 4) for k, v in phases.items()},
+        intervals=round_intervals(best),
         notes=notes,
         params=cost.params,
         macs=cost.macs,

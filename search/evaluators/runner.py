@@ -34,7 +34,8 @@ import threading
 import time
 from pathlib import Path
 
-from search.evaluators.types import EvalOutcome, EvalTask, Failure
+from search.evaluators import allocator
+from search.evaluators.types import EvalOutcome, EvalTask, EvaluatorInfo, Failure
 
 MiB = 2**20
 # Memory patterns in exception messages of torch, its allocators and ONNX Runtime.
@@ -158,7 +159,7 @@ def run_in_process(task: EvalTask, data_sources: dict[str, str] | None = None) -
         if task.measure is not None:
             from search.evaluators.latency import measure_latency
 
-            latency = measure_latency(spec, task.measure)
+            latency = measure_latency(spec, task.measure, task.budget)
         if task.quality is not None:
             from search.evaluators.quality import evaluate_quality
 
@@ -336,6 +337,7 @@ def _child_env() -> dict[str, str]:
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     env.setdefault("MALLOC_ARENA_MAX", "2")  # fewer 64 MiB malloc arenas in address space
+    allocator.child_env(env)  # fixed thresholds from the first allocation on
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
@@ -379,9 +381,10 @@ def run_isolated(task: EvalTask, data_sources: dict[str, str] | None = None) -> 
                     reason="crashed", message=f"unreadable result from the evaluation: {exc}"),
                     seconds=seconds)
             outcome.seconds = seconds
+            outcome.evaluator = EvaluatorInfo(mode="one_shot", fresh=True)
             return outcome
         return EvalOutcome(ok=False, failure=exit_failure(returncode, _log_tail(log_path)),
-                           seconds=seconds)
+                           seconds=seconds, evaluator=EvaluatorInfo(mode="one_shot", fresh=True))
 
 
 def evaluate(task: EvalTask, *, isolated: bool = True,

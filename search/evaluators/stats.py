@@ -124,3 +124,28 @@ def pearson(x: Sequence[float], y: Sequence[float]) -> float:
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     """Spearman's rank correlation (Pearson correlation of average ranks)."""
     return pearson(ranks(x), ranks(y))
+
+
+def binom_cdf_half(k: int, n: int) -> float:
+    """P(X <= k) for X ~ Binomial(n, 1/2)."""
+    if k < 0:
+        return 0.0
+    return math.fsum(math.comb(n, i) for i in range(min(k, n) + 1)) / 2**n
+
+
+def median_interval(values: Sequence[float], alpha: float) -> tuple[float, float] | None:
+    """Distribution-free interval for the median: the order statistics
+    (x_(k), x_(n+1-k)) with the largest k for which P(Binomial(n, 1/2) < k) <= alpha / 2,
+    so that it holds the true median with probability >= 1 - alpha for any continuous
+    distribution of independent values. None when ``n`` is too small for ``alpha`` (even
+    (min, max) would cover less)."""
+    n = len(values)
+    if n == 0 or not 0 < alpha < 1:
+        return None
+    k = 0
+    while k + 1 <= (n + 1) // 2 and binom_cdf_half(k, n) <= alpha / 2:
+        k += 1
+    if k == 0:
+        return None
+    xs = sorted(float(v) for v in values)
+    return xs[k - 1], xs[n - k]

@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from search.evaluators import allocator
+
 Runtime = Literal["eager", "torchscript", "onnxruntime"]
 DType = Literal["float32", "float16", "bfloat16"]
 Signal = Literal["none", "synflow", "naswot", "grad_norm", "train"]
@@ -50,7 +52,8 @@ class MeasureSettings(_Model):
 
     def key(self, spec_hash: str, target: str) -> str:
         """Measurement cache key: spec hash, target, runtime, input shape, batch, dtype,
-        layout, reference. Timing-effort knobs are not part of it."""
+        layout, reference and the allocator policy the evaluations run under. Timing-effort
+        knobs (rounds, round length, a budget's early stopping) are not part of it."""
         parts = {
             "spec": spec_hash,
             "target": target,
@@ -62,6 +65,7 @@ class MeasureSettings(_Model):
             "channels_last": self.channels_last,
             "threads": self.threads,
             "reference": self.reference,
+            "allocator": allocator.key(),
         }
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
@@ -79,6 +83,53 @@ class QualitySettings(_Model):
         1, ge=1, le=256, description="CPU threads while evaluating; float32 sums (training, "
         "grad_norm) depend on the count, so a fixed one keeps values reproducible across "
         "machines. None: the process's current setting")
+
+
+class LatencyBudget(_Model):
+    """Budget-aware measurement (docs/measurement.md, "Measuring until the decision is
+    clear"): after ``min_rounds`` short rounds, stop as soon as the interval of the median
+    (per-round ratios for ``ratio``, per-round candidate medians for ``ms``) lies beyond
+    the budget by ``margin`` and is narrower than ``precision``; otherwise go on up to
+    ``max_rounds``. Not part of the measurement key: a result measured this way is a
+    valid measurement of the spec."""
+
+    ms: float | None = Field(None, gt=0, description="budget on the median latency, ms")
+    ratio: float | None = Field(None, gt=0, description="budget on the ratio to the reference")
+    margin: float = Field(0.03, ge=0, le=1, description="relative: a candidate whose "
+                          "median is within this of the budget is measured to the maximum")
+    precision: float = Field(0.05, gt=0, le=1, description="largest relative half-width "
+                             "of the interval at which a measurement may stop early")
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="of the decision over all "
+                              "looks together")
+    round_s: float = Field(0.05, gt=0, le=30, description="per model and round")
+    min_rounds: int = Field(9, ge=3, le=10_000)
+    max_rounds: int | None = Field(None, ge=3, le=10_000, description="None: the time "
+                                   "the fixed protocol may take at most (all attempts)")
+
+    def is_empty(self) -> bool:
+        return self.ms is None and self.ratio is None
+
+
+class StopInfo(_Model):
+    """How a budget-aware measurement ended."""
+
+    reason: Literal["below_budget", "above_budget", "max_rounds"]
+    rounds: int
+    looks: int
+    intervals: dict[str, tuple[float, float]] = Field(
+        default_factory=dict, description="per budget ('ms', 'ratio'): the interval of "
+        "the median at the last look")
+    confidence: float
+
+
+class EvaluatorInfo(_Model):
+    """Which evaluator process produced an outcome."""
+
+    mode: Literal["one_shot", "warm", "in_process"]
+    fresh: bool = Field(description="the first task of its process")
+    task_index: int = 0
+    threads: int | None = Field(None, description="thread count resolved once for the "
+                                "evaluator's lifetime (None: not resolved by it)")
 
 
 class LatencyStats(_Model):
@@ -103,6 +154,13 @@ class LatencyResult(_Model):
     load: dict[str, Any] = Field(default_factory=dict, description="system load around the run")
     contended: bool = False
     remeasured: bool = False
+    stopping: StopInfo | None = Field(None, description="budget-aware measurements only")
+    intervals: dict[str, tuple[float, float]] = Field(
+        default_factory=dict, description="95 % distribution-free interval of the median of "
+        "the per-round values: 'ratio' (round ratios), 'ms' (the candidate's round medians)")
+    phases: dict[str, float] = Field(default_factory=dict, description="seconds spent in "
+                                     "load sampling, build (and export), warm-up (and "
+                                     "calibration), timed rounds")
     notes: list[str] = Field(default_factory=list)
     params: int
     macs: int
@@ -128,6 +186,8 @@ class EvalTask(_Model):
     quality: QualitySettings | None = None
     timeout_s: float = Field(300.0, gt=0, le=24 * 3600)
     memory_mb: int = Field(4096, ge=64, le=1_048_576)
+    budget: LatencyBudget | None = Field(None, description="measure until the decision "
+                                         "against it is clear; None: the fixed protocol")
 
 
 class EvalOutcome(_Model):
@@ -136,3 +196,4 @@ class EvalOutcome(_Model):
     quality: QualityResult | None = None
     failure: Failure | None = None
     seconds: float = 0.0
+    evaluator: EvaluatorInfo | None = None

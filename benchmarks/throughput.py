@@ -1,0 +1,234 @@
+"""Candidates per minute of the search loop, and whether fitnas's figure is what a
+deployed process sees.
+
+Part 1, throughput: the loop of ``fitnas search --space default --target cpu --threads 1
+--signal synflow --max-latency-ratio 1.0`` (ask -> evaluate -> tell, SQLite storage,
+random sampler so every mode gets the same candidates in the same order), in three modes
+run interleaved candidate by candidate:
+
+- ``one_shot``: a fresh child per candidate, fixed protocol (7 rounds, remeasure);
+- ``warm``: the warm evaluator, fixed protocol;
+- ``warm_budget``: the warm evaluator, rounds until the decision is clear.
+
+Per decided (measured) candidate: seconds in all and the breakdown: start-up (child
+start, imports, pipe; what the child's own phases do not account for), build (and the
+reference's when it is prepared), warm-up, timed rounds, load sampling, quality signal,
+Optuna and database (ask + tell). Also the relative half-width of the ratio's 95 %
+interval (the same distribution-free method in every mode: the reported precision) and
+the share of feasibility decisions that agree with the one-shot mode's.
+
+Part 2, deployment check: the exported TorchScript of MobileNetV2-0.5 (224, 1 thread) timed
+in fresh plain processes (load, 20 warm-up calls, a plain loop for 1 s, the median call),
+alternately with glibc's defaults and with fitnas's allocator environment, beside
+fitnas's own figure for the same model (one-shot child, reference none).
+
+    python3 benchmarks/throughput.py --trials 12 --deploy-procs 3
+
+Prints tables; the last line is one JSON object of key figures (``median_candidate_s``
+per mode among them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from search.evaluators.stats import median  # noqa: E402
+
+MODES = ("one_shot", "warm", "warm_budget")
+PHASES = ("startup", "build", "warm_up", "timed", "load_sampling", "quality", "optuna_db")
+
+DEPLOY_CHILD = r"""
+import sys, time, torch
+torch.set_num_threads(1)
+m = torch.jit.load(sys.argv[1]).eval()
+x = torch.randn(1, 3, 224, 224)
+with torch.inference_mode():
+    for _ in range(20):
+        m(x)
+    times = []
+    t_end = time.perf_counter() + float(sys.argv[2])
+    while time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        m(x)
+        times.append(time.perf_counter() - t0)
+times.sort()
+print(times[len(times) // 2] * 1e3)
+"""
+
+
+def _config(trials: int, seed: int):
+    from search.evaluators.types import MeasureSettings, QualitySettings
+    from search.study import Budgets, SearchConfig
+
+    return SearchConfig(space="default", target="cpu", trials=trials, seed=seed,
+                        sampler="random", measure=MeasureSettings(threads=1),
+                        budgets=Budgets(max_latency_ratio=1.0),
+                        quality=QualitySettings(signal="synflow"))
+
+
+def _breakdown(outcome, eval_s: float, optuna_s: float) -> dict[str, float]:
+    lat = outcome.latency
+    ph = dict(lat.phases) if lat is not None else {}
+    q = outcome.quality.seconds if outcome.quality is not None else 0.0
+    work = sum(ph.values()) + q
+    return {"startup": max(0.0, eval_s - work), "build": ph.get("build", 0.0),
+            "warm_up": ph.get("warm_up", 0.0), "timed": ph.get("timed", 0.0),
+            "load_sampling": ph.get("load_sampling", 0.0), "quality": q,
+            "optuna_db": optuna_s}
+
+
+def throughput(args: argparse.Namespace) -> dict:
+    from search.evaluators.runner import evaluate
+    from search.evaluators.warm import WarmEvaluator
+    from search.study import SearchDriver
+
+    config = _config(args.trials, args.seed)
+    tmp = Path(tempfile.mkdtemp(prefix="fitnas-throughput-"))
+    warm_fixed, warm_budget = WarmEvaluator(), WarmEvaluator()
+    evaluators = {"one_shot": evaluate, "warm": warm_fixed, "warm_budget": warm_budget}
+    drivers = {m: SearchDriver.open(f"sqlite:///{tmp}/{m}.db", f"throughput-{m}", config)
+               for m in MODES}
+    rows: dict[str, list[dict]] = {m: [] for m in MODES}
+    wall = {m: 0.0 for m in MODES}
+    try:
+        for i in range(args.trials):
+            for mode in MODES:
+                d = drivers[mode]
+                t0 = time.perf_counter()
+                p = d.ask()
+                t_ask = time.perf_counter() - t0
+                if p.task is None:
+                    wall[mode] += t_ask
+                    continue
+                task = p.task if mode == "warm_budget" else p.task.model_copy(
+                    update={"budget": None})
+                t1 = time.perf_counter()
+                out = evaluators[mode](task)
+                eval_s = time.perf_counter() - t1
+                t2 = time.perf_counter()
+                d.tell(p.trial_number, out)
+                t_tell = time.perf_counter() - t2
+                total = t_ask + eval_s + t_tell
+                wall[mode] += total
+                row = {"i": i, "ok": out.ok, "total": total,
+                       **_breakdown(out, eval_s, t_ask + t_tell)}
+                if out.ok and out.latency.ratio_to_reference is not None:
+                    r = out.latency.ratio_to_reference
+                    row["ratio"] = r.median
+                    row["feasible"] = r.median <= 1.0
+                    st = out.latency.stopping
+                    if "ratio" in out.latency.intervals:  # 95 %, the same method both ways
+                        lo, hi = out.latency.intervals["ratio"]
+                        row["halfwidth"] = (hi - lo) / 2 / r.median
+                    row["rounds"] = r.n
+                    if st is not None:
+                        row["stop"] = st.reason
+                else:
+                    row["failure"] = out.failure.reason if out.failure else "?"
+                rows[mode].append(row)
+                print(f"  #{i:<3} {mode:<12} {total:6.2f} s  " + (
+                    f"ratio {row['ratio']:.3f} rounds {row['rounds']}" if "ratio" in row
+                    else f"failed: {row.get('failure')}"), flush=True)
+    finally:
+        warm_fixed.close()
+        warm_budget.close()
+
+    summary = {}
+    print()
+    head = f"{'mode':<12} {'n':>3} {'median s':>8} {'cand/min':>8} " + " ".join(
+        f"{p:>9}" for p in PHASES) + f" {'halfwidth':>9} {'agree':>5}"
+    print(head)
+    base = {r["i"]: r.get("feasible") for r in rows["one_shot"]}
+    for mode in MODES:
+        rs = rows[mode]
+        if not rs:
+            continue
+        med = median([r["total"] for r in rs])
+        phases = {p: median([r[p] for r in rs]) for p in PHASES}
+        hw = [r["halfwidth"] for r in rs if "halfwidth" in r]
+        same = [r.get("feasible") == base.get(r["i"]) for r in rs if r["i"] in base]
+        per_min = 60.0 * len(rs) / wall[mode] if wall[mode] else 0.0
+        summary[mode] = {"n": len(rs), "median_candidate_s": round(med, 3),
+                         "candidates_per_min": round(per_min, 2),
+                         "phases_median_s": {k: round(v, 3) for k, v in phases.items()},
+                         "median_ratio_halfwidth": round(median(hw), 4) if hw else None,
+                         "decisions_agree_with_one_shot": round(sum(same) / len(same), 3)
+                         if same else None,
+                         "stops": {s: sum(1 for r in rs if r.get("stop") == s)
+                                   for s in ("below_budget", "above_budget", "max_rounds")}
+                         if mode == "warm_budget" else None}
+        print(f"{mode:<12} {len(rs):>3} {med:>8.2f} {per_min:>8.1f} " + " ".join(
+            f"{phases[p]:>9.3f}" for p in PHASES)
+            + f" {summary[mode]['median_ratio_halfwidth'] or 0:>9.4f} "
+              f"{summary[mode]['decisions_agree_with_one_shot'] or 0:>5.2f}")
+    return summary
+
+
+def deployment(args: argparse.Namespace) -> dict:
+    from blocks import load_spec
+    from blocks.export import export
+    from search.evaluators import allocator
+    from search.evaluators.runner import evaluate
+    from search.evaluators.types import EvalTask, MeasureSettings
+
+    spec = load_spec("preset:mobilenet_v2@0.5")
+    tmp = Path(tempfile.mkdtemp(prefix="fitnas-deploy-"))
+    path = export(spec, "torchscript", tmp / "model.pt")
+    plain = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    configured = {**plain, **allocator.DEPLOY_ENV}
+    reads: dict[str, list[float]] = {"glibc_default": [], "fitnas_env": []}
+    for _ in range(args.deploy_procs):
+        for name, env in (("glibc_default", plain), ("fitnas_env", configured)):
+            out = subprocess.run([sys.executable, "-c", DEPLOY_CHILD, str(path),
+                                  str(args.deploy_seconds)], env=env, capture_output=True,
+                                 text=True, check=True)
+            reads[name].append(float(out.stdout.strip().splitlines()[-1]))
+    ours = []
+    for _ in range(args.deploy_procs):
+        o = evaluate(EvalTask(spec=spec.canonical_dict(), measure=MeasureSettings(
+            runtime="torchscript", threads=1, reference=None)))
+        ours.append(o.latency.latency_ms.median if o.ok else float("nan"))
+    print()
+    print(f"{'MobileNetV2-0.5, TorchScript, 1 thread, 224':<46} {'reads (ms, one per process)'}")
+    for name, vals in (*reads.items(), ("fitnas (one-shot child)", ours)):
+        print(f"{name:<46} " + "  ".join(f"{v:6.2f}" for v in vals)
+              + f"   median {median(vals):6.2f}")
+    return {"glibc_default_ms": [round(v, 3) for v in reads["glibc_default"]],
+            "fitnas_env_ms": [round(v, 3) for v in reads["fitnas_env"]],
+            "fitnas_ms": [round(v, 3) for v in ours]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--trials", type=int, default=12)
+    ap.add_argument("--seed", type=int, default=3)
+    ap.add_argument("--deploy-procs", type=int, default=3, help="0: skip part 2")
+    ap.add_argument("--deploy-seconds", type=float, default=1.0)
+    args = ap.parse_args()
+    from search.evaluators import fingerprint as fp
+
+    load0 = fp.sample_load(0.5)
+    t0 = time.perf_counter()
+    result: dict = {"modes": throughput(args) if args.trials > 0 else {}}
+    if args.deploy_procs > 0:
+        result["deployment"] = deployment(args)
+    load1 = fp.sample_load(0.5)
+    result["load_other_cores"] = [load0.get("other_cores"), load1.get("other_cores")]
+    result["cores"] = fp.logical_cores()
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
