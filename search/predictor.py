@@ -232,11 +232,10 @@ class PredictorState:
     ratio: FittedModel | None = None
     ms: FittedModel | None = None
     coverage: float = 0.9
+    settings: dict[str, Any] = field(default_factory=dict)  # what the target key hashes
     features: list[str] = field(default_factory=lambda: list(FEATURE_NAMES))
     # |predicted / measured - 1| of candidates predicted before they were measured
     recent: list[float] = field(default_factory=list)
-    audited: int = 0
-    screened: int = 0
 
     @property
     def heldout_error(self) -> float | None:
@@ -283,11 +282,13 @@ class PredictorState:
 
 def fit_state(target_key: str, target: str, rows: Sequence[dict[str, Any]],
               coverage: float = 0.9, previous: PredictorState | None = None,
-              now: float | None = None) -> PredictorState:
+              now: float | None = None, settings: dict[str, Any] | None = None
+              ) -> PredictorState:
     """Refit from observation rows (``features``, ``ratio`` (may be None), ``ms``)."""
-    st = PredictorState(target_key=target_key, target=target, coverage=coverage)
+    st = PredictorState(target_key=target_key, target=target, coverage=coverage,
+                        settings=dict(settings or (previous.settings if previous else {})))
     if previous is not None:
-        st.recent, st.audited, st.screened = previous.recent, previous.audited, previous.screened
+        st.recent = previous.recent
     st.n = len(rows)
     st.refit_at = time.time() if now is None else now
     if len(rows) >= 3:
@@ -358,14 +359,19 @@ def audit_draw(seed: int | None, trial_number: int, share: float) -> bool:
     return int.from_bytes(h[:8], "big") / 2**64 < share
 
 
-def target_key(target: str, measure: Any) -> str:
+def target_settings(target: str, measure: Any) -> dict[str, Any]:
     """Everything that makes latency comparable, without the spec: the target name and
     the measurement settings that enter the cache key (device, runtime, threads, batch,
     resolution, dtype, layout, reference)."""
-    parts = {"target": target, "device": measure.device, "runtime": measure.runtime,
-             "batch": measure.batch, "resolution": measure.resolution,
-             "dtype": measure.dtype, "channels_last": measure.channels_last,
-             "threads": measure.threads, "reference": measure.reference}
+    return {"target": target, "device": measure.device, "runtime": measure.runtime,
+            "batch": measure.batch, "resolution": measure.resolution,
+            "dtype": measure.dtype, "channels_last": measure.channels_last,
+            "threads": measure.threads, "reference": measure.reference}
+
+
+def target_key(target: str, measure: Any) -> str:
+    """One predictor per :func:`target_settings`: their hash."""
+    parts = target_settings(target, measure)
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
@@ -480,12 +486,14 @@ class PredictorStore:
                     pass  # another process saved first; its state is as good
 
     def refit(self, key: str, target: str, policy: PredictorPolicy,
-              coverage: float = 0.9) -> PredictorState | None:
+              coverage: float = 0.9, settings: dict[str, Any] | None = None
+              ) -> PredictorState | None:
         """The current state, refitted first when enough new measurements arrived."""
         st = self.load(key)
         n = self.count(key)
         if policy.needs_refit(st, n):
-            st = fit_state(key, target, self.rows(key), coverage, previous=st)
+            st = fit_state(key, target, self.rows(key), coverage, previous=st,
+                           settings=settings)
             self.save(st)
         return st
 
@@ -519,4 +527,5 @@ __all__ = [
     "spec_features",
     "summarize_errors",
     "target_key",
+    "target_settings",
 ]

@@ -47,6 +47,7 @@ from search.predictor import (
     over_budget,
     spec_features,
     target_key,
+    target_settings,
 )
 from search.space import BUILTIN_SPACES, DesignSpace, spec_summary
 
@@ -678,7 +679,9 @@ class SearchDriver:
         """The target's predictor, refitted first when enough measurements arrived."""
         if self.predictor is None:
             return None
-        return self.predictor.refit(self.predictor_key, self.config.target, self.policy)
+        return self.predictor.refit(self.predictor_key, self.config.target, self.policy,
+                                    settings=target_settings(self.config.target,
+                                                             self.config.measure))
 
     def _screen(self, trial: optuna.trial.Trial, spec: ArchSpec, attrs: dict[str, Any],
                 constraints: dict[str, float]) -> bool:

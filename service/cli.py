@@ -8,7 +8,15 @@ import sys
 
 import typer
 
-from service import cli_arch, cli_eval, cli_quality, cli_search, cli_server, cli_worker
+from service import (
+    cli_arch,
+    cli_eval,
+    cli_predictor,
+    cli_quality,
+    cli_search,
+    cli_server,
+    cli_worker,
+)
 from service.cli_common import CLIError
 
 app = typer.Typer(
@@ -19,7 +27,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for module in (cli_arch, cli_eval, cli_quality, cli_search, cli_server, cli_worker):
+for module in (cli_arch, cli_eval, cli_quality, cli_search, cli_server, cli_worker,
+               cli_predictor):
     module.register(app)
 
 
