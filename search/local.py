@@ -22,7 +22,10 @@ from typing import Any
 from optuna.trial import TrialState
 
 from search.evaluators.types import EvalOutcome, EvalTask
+from search.predictor import PredictorStore
 from search.study import (
+    REFERENCE_PRESETS,
+    STATUS_PREDICTED,
     SearchConfig,
     SearchDriver,
     SQLMeasurementCache,
@@ -31,7 +34,7 @@ from search.study import (
 
 # Reference networks measured on the same device with the same settings (cached), drawn
 # as points on the Pareto plot. Small widths: cheap to measure, in the range of budgets.
-DEFAULT_PRESETS = ("mobilenet_v2@0.5", "mobilenet_v3_small@0.75", "mnasnet@0.5")
+DEFAULT_PRESETS = REFERENCE_PRESETS
 
 Evaluator = Callable[[EvalTask], EvalOutcome]
 
@@ -73,6 +76,10 @@ class SearchResult:
             "storage": self.result["storage"],
             "counts": self.result["counts"],
             "budgets": self.result["budgets"],
+            "objectives": self.result["objectives"],
+            **{k: self.result.get(k) for k in ("wall_s", "decided", "median_candidate_s",
+                                               "measured", "cached", "prescreened_cost",
+                                               "prescreened_predictor", "predictor")},
             "pareto": self.pareto,
             "winner": self.winner,
             "references": self.result["references"],
@@ -151,25 +158,46 @@ class _Progress:
             self.bar.update(self.task, completed=done, best=best)
 
 
+def _latency_text(config: SearchConfig, ua: dict[str, Any]) -> str:
+    """Both figures, the objective's first: '0.953x ref (6.12 ms)' or '6.12 ms (0.95x)'."""
+    ms, ratio = ua.get("latency_ms"), ua.get("latency_ratio")
+    ms_txt = f"{ms:.3f} ms" if isinstance(ms, int | float) else "- ms"
+    if not isinstance(ratio, int | float):
+        return ms_txt
+    if config.latency_objective == "latency_ratio":
+        return f"{ratio:.3f}x ref ({ms_txt})"
+    return f"{ms_txt} ({ratio:.2f}x ref)"
+
+
 def _best_text(driver: SearchDriver) -> str:
     best = driver.best_feasible()
     if best is None:
         return "best feasible: none yet"
     return (f"best feasible #{best.number}: quality {best.values[0]:.4g}, "
-            f"{best.values[1]:.3f} ms")
+            f"{_latency_text(driver.config, best.user_attrs)}")
 
 
 def _trial_line(driver: SearchDriver, number: int) -> str:
+    from search.report import measurement_flags
+
     t = driver._frozen(number)
     ua = t.user_attrs
     status = ua.get("status", t.state.name.lower())
     head = f"#{number:<4} {status:<11}"
     if t.state == TrialState.COMPLETE:
         feas = "feasible" if driver.is_feasible(t) else "over budget"
-        ratio = ua.get("latency_ratio")
-        rtxt = f" ({ratio:.2f}x ref)" if isinstance(ratio, float) else ""
-        return (f"{head} quality {t.values[0]:<10.4g} {t.values[1]:8.3f} ms{rtxt}  "
-                f"{ua.get('params', 0) / 1e6:.2f}M params  {feas}  {ua.get('summary', '')}")
+        flags = measurement_flags(ua)
+        note = f"  [{flags}]" if flags else ""
+        seed = f"  (warm start: {ua['warm_start']})" if "warm_start" in ua else ""
+        return (f"{head} quality {t.values[0]:<10.4g} {_latency_text(driver.config, ua)}  "
+                f"{ua.get('params', 0) / 1e6:.2f}M params  {feas}{note}{seed}  "
+                f"{ua.get('summary', '')}")
+    if t.state == TrialState.PRUNED and status == STATUS_PREDICTED:
+        obj = driver.config.latency_objective
+        unit = "x ref" if obj == "latency_ratio" else " ms"
+        p, lo, hi = (ua.get(f"predicted_{obj}{s}") for s in ("", "_lo", "_hi"))
+        return (f"{head} predicted {p:.3f}{unit} [{lo:.3f}, {hi:.3f}] over the "
+                f"{ua.get('over_budget', '')} budget (not measured)  {ua.get('summary', '')}")
     if t.state == TrialState.PRUNED:
         return (f"{head} over the {ua.get('over_budget', '')} budget (not measured)  "
                 f"{ua.get('params', 0) / 1e6:.2f}M params  {ua.get('summary', '')}")
@@ -267,8 +295,9 @@ def _run_search(config: SearchConfig, storage: str, study_name: str, out: Path,
     from search import report
 
     cache = SQLMeasurementCache(storage)
+    predictor = PredictorStore(cache.engine)
     driver = SearchDriver.open(storage, study_name, config, cache, mode="local",
-                               owner=process_owner())
+                               owner=process_owner(), predictor=predictor)
     resumed = len(driver.trials()) > 0
     stale = driver.fail_stale(driver.stale_local_trials(), reason="interrupted",
                               message="the search process stopped before this trial finished")

@@ -14,8 +14,9 @@ from optuna.trial import FrozenTrial, TrialState
 from search.study import SearchConfig, SearchDriver
 
 
-def trial_row(t: FrozenTrial) -> dict[str, Any]:
-    """A JSON-able summary of one trial made by the driver."""
+def trial_row(t: FrozenTrial, objective: str = "latency_ms") -> dict[str, Any]:
+    """A JSON-able summary of one trial made by the driver. ``latency`` is the latency
+    objective's value (``objective`` names it); both figures are there as well."""
     ua = t.user_attrs
     row: dict[str, Any] = {
         "number": t.number,
@@ -23,14 +24,20 @@ def trial_row(t: FrozenTrial) -> dict[str, Any]:
         "status": ua.get("status"),
         "feasible": bool(SearchDriver.is_feasible(t)),
         "quality": t.values[0] if t.values else ua.get("quality"),
-        "latency_ms": t.values[1] if t.values else ua.get("latency_ms"),
+        "latency": t.values[1] if t.values else ua.get(objective),
+        "latency_objective": objective,
+        "latency_ms": ua.get("latency_ms"),
         "constraints": dict(t.constraints),
     }
     for key in ("latency_p90_ms", "latency_iqr_ms", "latency_cv", "latency_n",
-                "latency_ratio", "reference", "reference_latency_ms", "params", "macs",
-                "activation_bytes", "resolution", "quality_signal", "spec_hash",
-                "spec_compact", "summary", "contended", "fail_reason", "fail_message",
-                "over_budget"):
+                "latency_ratio", "latency_ratio_cv", "reference", "reference_latency_ms",
+                "params", "macs", "activation_bytes", "resolution", "quality_signal",
+                "spec_hash", "spec_compact", "summary", "contended", "remeasured", "wide",
+                "warm_start", "fail_reason", "fail_message", "over_budget",
+                "predicted_latency_ratio", "predicted_latency_ratio_lo",
+                "predicted_latency_ratio_hi", "predicted_latency_ms",
+                "predicted_latency_ms_lo", "predicted_latency_ms_hi", "predictor_error",
+                "predictor_audit"):
         if key in ua:
             row[key] = ua[key]
     if "spec" in ua:
@@ -53,24 +60,35 @@ def _fmt(x: Any, digits: int = 3) -> str:
     return f"{x:.{digits}g}" if abs(x) >= 1e4 or abs(x) < 1e-3 else f"{x:.{digits}f}"
 
 
+def measurement_flags(row_or_attrs: dict[str, Any]) -> str:
+    """'contended' / 'wide' (spread still over max_cv after remeasuring), comma-joined."""
+    flags = [name for name in ("contended", "wide") if row_or_attrs.get(name)]
+    return ",".join(flags)
+
+
 def pareto_table(rows: list[dict[str, Any]], winner: int | None = None, title: str = ""):
-    """A rich table of Pareto members (sorted by latency)."""
+    """A rich table of Pareto members, sorted by the latency objective (marked with an
+    arrow in the header); the ``note`` column flags contended or too-wide measurements."""
     from rich.table import Table
 
+    objective = rows[0].get("latency_objective", "latency_ms") if rows else "latency_ms"
+    ms_head = "latency ms" + (" <" if objective == "latency_ms" else "")
+    ratio_head = "x ref" + (" <" if objective == "latency_ratio" else "")
     table = Table(title=title or "Pareto set (feasible, non-dominated)", title_justify="left")
-    for col, justify in (("#", "right"), ("quality", "right"), ("latency ms", "right"),
-                         ("p90 ms", "right"), ("x ref", "right"), ("params", "right"),
-                         ("MACs", "right"), ("act. mem", "right"), ("architecture", "left")):
+    for col, justify in (("#", "right"), ("quality", "right"), (ratio_head, "right"),
+                         (ms_head, "right"), ("p90 ms", "right"), ("params", "right"),
+                         ("MACs", "right"), ("act. mem", "right"), ("note", "left"),
+                         ("architecture", "left")):
         table.add_column(col, justify=justify)
     for r in rows:
         mark = " *" if r["number"] == winner else ""
         mem = r.get("activation_bytes")
         table.add_row(
-            f"{r['number']}{mark}", _fmt(r.get("quality"), 4), _fmt(r.get("latency_ms")),
-            _fmt(r.get("latency_p90_ms")), _fmt(r.get("latency_ratio")),
+            f"{r['number']}{mark}", _fmt(r.get("quality"), 4), _fmt(r.get("latency_ratio")),
+            _fmt(r.get("latency_ms")), _fmt(r.get("latency_p90_ms")),
             _fmt_int(r.get("params")), _fmt_int(r.get("macs")),
             f"{mem / 2**20:.2f} MiB" if isinstance(mem, int | float) else "-",
-            str(r.get("summary", "")),
+            measurement_flags(r) or "", str(r.get("summary", "")),
         )
     return table
 
@@ -85,10 +103,10 @@ def plot_pareto(driver: SearchDriver, path: Path, references: list[dict[str, Any
     import matplotlib.pyplot as plt
 
     budgets = driver.config.budgets
-    use_ratio = budgets.max_latency_ms is None and budgets.max_latency_ratio is not None
+    use_ratio = driver.config.latency_objective == "latency_ratio"
 
-    def x_of(ua_or_row: dict[str, Any], latency: float | None) -> float | None:
-        return ua_or_row.get("latency_ratio") if use_ratio else latency
+    def x_of(ua_or_row: dict[str, Any], latency: float | None = None) -> float | None:
+        return ua_or_row.get("latency_ratio") if use_ratio else ua_or_row.get("latency_ms")
 
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
     feas_x, feas_y, inf_x, inf_y = [], [], [], []
@@ -172,19 +190,63 @@ def export_winner(spec, out_dir: Path) -> tuple[dict[str, str], dict[str, str]]:
 
 
 def summary_counts(driver: SearchDriver) -> dict[str, int]:
+    """Trials by what happened to them. ``over_budget``: pre-screened by the exact cost
+    model; ``predicted_over_budget``: by the latency predictor; ``audited``: measured
+    although the predictor would have screened them."""
     trials = driver.trials()
     counts = {"trials": sum(1 for t in trials if driver.counts_as_finished(t)),
-              "measured": 0, "cached": 0, "over_budget": 0, "failed": 0, "interrupted": 0,
-              "feasible": 0, "running": 0}
+              "measured": 0, "cached": 0, "over_budget": 0, "predicted_over_budget": 0,
+              "audited": 0, "warm_start": 0, "failed": 0, "interrupted": 0, "feasible": 0,
+              "running": 0}
     for t in trials:
-        status = t.user_attrs.get("status")
+        ua = t.user_attrs
+        status = ua.get("status")
         if t.state == TrialState.RUNNING:
             counts["running"] += 1
         elif status in counts:
             counts[status] += 1
+        counts["audited"] += int(bool(ua.get("predictor_audit")))
+        counts["warm_start"] += int("warm_start" in ua)
         if driver.is_feasible(t):
             counts["feasible"] += 1
     return counts
+
+
+def timing(driver: SearchDriver, seconds: float | None) -> dict[str, Any]:
+    """Wall time, decided candidates (finished, not interrupted) and the median seconds
+    per decided candidate, from each trial's start to its end (ask to tell)."""
+    decided = [t for t in driver.trials() if driver.counts_as_finished(t)]
+    durations = sorted(t.duration.total_seconds() for t in decided if t.duration is not None)
+    median = None
+    if durations:
+        mid = len(durations) // 2
+        median = (durations[mid] if len(durations) % 2
+                  else (durations[mid - 1] + durations[mid]) / 2)
+    return {"wall_s": seconds, "decided": len(decided),
+            "median_candidate_s": None if median is None else round(median, 4)}
+
+
+def predictor_summary(driver: SearchDriver) -> dict[str, Any]:
+    """The predictor's state for this search's target and its measured-vs-predicted error
+    on the candidates that were predicted before being measured."""
+    from search.predictor import summarize_errors
+
+    obj = driver.config.latency_objective
+    pairs = []
+    for t in driver.trials(TrialState.COMPLETE):
+        ua = t.user_attrs
+        if ua.get("status") == "measured" and isinstance(ua.get(f"predicted_{obj}"),
+                                                          int | float):
+            pairs.append((ua[f"predicted_{obj}"], ua.get(obj) or 0.0))
+    out: dict[str, Any] = {"figure": obj, "measured_vs_predicted": summarize_errors(pairs)}
+    st = None
+    if driver.predictor is not None:
+        st = driver.predictor.load(driver.predictor_key)
+    if st is not None:
+        on, why = driver.policy.enabled(st)
+        out.update(n=st.n, refit_at=st.refit_at, heldout_error=st.heldout_error,
+                   recent_error=st.recent_error, screening=on, screening_note=why)
+    return out
 
 
 def build_result(driver: SearchDriver, storage: str, references: list[dict[str, Any]],
@@ -192,6 +254,8 @@ def build_result(driver: SearchDriver, storage: str, references: list[dict[str, 
     config: SearchConfig = driver.config
     front = driver.pareto()
     rec = driver.recommend()
+    obj = config.latency_objective
+    counts = summary_counts(driver)
     from search.study import redact_url
 
     return {
@@ -200,18 +264,24 @@ def build_result(driver: SearchDriver, storage: str, references: list[dict[str, 
         "target": config.target,
         "space": config.space.name,
         "budgets": config.budgets.model_dump(exclude_none=True),
-        "objectives": {"quality": "maximize", "latency_ms": "minimize"},
+        "objectives": {"quality": "maximize", obj: "minimize"},
         "signal": config.quality.signal,
         "sampler": config.sampler,
         "seed": config.seed,
-        "counts": summary_counts(driver),
+        "counts": counts,
         "seconds": seconds,
-        "pareto": [trial_row(t) for t in front],
-        "winner": trial_row(rec) if rec is not None else None,
+        **timing(driver, seconds),
+        "measured": counts["measured"],
+        "cached": counts["cached"],
+        "prescreened_cost": counts["over_budget"],
+        "prescreened_predictor": counts["predicted_over_budget"],
+        "predictor": predictor_summary(driver),
+        "pareto": [trial_row(t, obj) for t in front],
+        "winner": trial_row(rec, obj) if rec is not None else None,
         "references": references,
         "config": config.model_dump(mode="json"),
     }
 
 
-__all__ = ["build_result", "export_winner", "pareto_table", "plot_pareto", "summary_counts",
-           "trial_row"]
+__all__ = ["build_result", "export_winner", "measurement_flags", "pareto_table", "plot_pareto",
+           "predictor_summary", "summary_counts", "timing", "trial_row"]

@@ -361,6 +361,115 @@ class DesignSpace(_Model):
 
         return self.sample(FixedTrial(params))
 
+    def locate(self, spec: ArchSpec) -> dict[str, Any]:
+        """The parameters for which :meth:`sample` gives ``spec`` (equal hash), e.g. to
+        enqueue a known network as a trial. Raises :class:`SpaceError` saying the first
+        thing of the spec the space cannot express."""
+        reasons: list[str] = []
+        for field, want, have in (("in_channels", self.in_channels, spec.in_channels),
+                                  ("num_classes", self.num_classes, spec.num_classes),
+                                  ("stem_pool", self.stem_pool, spec.stem_pool),
+                                  ("stem.stride", self.stem.stride, spec.stem.stride),
+                                  ("stages", len(self.stages), len(spec.stages)),
+                                  ("head", self.head is not None, spec.head is not None),
+                                  ("classifier.dropout", self.dropout, spec.classifier.dropout),
+                                  ("classifier.hidden", None, spec.classifier.hidden)):
+            if want != have:
+                raise SpaceError(f"{field} is {have!r}; the space {self.name!r} has {want!r}")
+        if spec.resolution not in self.resolution:
+            raise SpaceError(f"resolution {spec.resolution} is not one of the space's "
+                             f"{self.resolution}")
+        for mult in self.width_mult:
+            try:
+                params = self._locate_at(spec, mult)
+            except SpaceError as exc:
+                reasons.append(str(exc))
+                continue
+            suggested = _Recorder(params)
+            if self.sample(suggested).hash == spec.hash:
+                return suggested.used
+            reasons.append("the parameters found do not rebuild the same network")
+        # the most telling reason: one from a multiplier at which the stem width fits
+        reasons.sort(key=lambda r: "not reachable at width multiplier" in r)
+        first = reasons[0] if reasons else "no width multiplier fits"
+        raise SpaceError(f"not a point of the space {self.name!r}: {first}")
+
+    def _locate_at(self, spec: ArchSpec, mult: float) -> dict[str, Any]:
+        div = self.channel_divisor
+
+        def ch(width: int, scale: bool = True) -> int:
+            m = mult if scale else max(1.0, mult)
+            return min(MAX_CHANNELS, make_divisible(width * m, div) if div > 1
+                       else max(1, round(width * m)))
+
+        def pick(name: str, choices: list[Any], want: Any, what: str) -> Any:
+            if want not in choices:
+                raise SpaceError(f"{what} {want!r} is not one of {choices}")
+            params[name] = want
+            return want
+
+        params: dict[str, Any] = {"resolution": spec.resolution, "width_mult": mult}
+        widths = [w for w in self.stem.width
+                  if ch(w, self.stem.scale_with_width) == spec.stem.out_channels]
+        if not widths:
+            raise SpaceError(f"stem width {spec.stem.out_channels} is not reachable at "
+                             f"width multiplier {mult}")
+        params["stem.width"] = widths[0]
+        pick("stem.kernel", self.stem.kernel, spec.stem.kernel, "stem kernel")
+        pick("stem.act", self.stem.act, spec.stem.act, "stem activation")
+        cin = spec.stem.out_channels
+        for sid, st, stage in zip(self.stage_ids(), self.stages, spec.stages, strict=True):
+            block = stage.block
+            kind = pick(f"{sid}.kind", st.kind_names(), block.kind, f"{sid}: block kind")
+            lo, hi = st.depth_range
+            if not lo <= stage.repeats <= hi:
+                raise SpaceError(f"{sid}: depth {stage.repeats} is outside [{lo}, {hi}]")
+            params[f"{sid}.depth"] = stage.repeats
+            if block.stride != st.stride:
+                raise SpaceError(f"{sid}: stride {block.stride}, the space has {st.stride}")
+            found = self._locate_block(sid, st, kind, block, cin, ch)
+            if found is None:
+                raise SpaceError(f"{sid}: no choice of the stage's knobs gives "
+                                 f"{block.kind} block {block.model_dump(exclude_defaults=True)}")
+            params.update(found)
+            cin = block.out_channels
+        if self.head is not None and spec.head is not None:
+            widths = [w for w in self.head.width
+                      if ch(w, self.head.scale_with_width) == spec.head.out_channels]
+            if not widths:
+                raise SpaceError(f"head width {spec.head.out_channels} is not reachable")
+            params["head.width"] = widths[0]
+            pick("head.kernel", self.head.kernel, spec.head.kernel, "head kernel")
+            pick("head.act", self.head.act, spec.head.act, "head activation")
+        return params
+
+    def _locate_block(self, sid: str, st: StageSpace, kind: str, block: Any, cin: int,
+                      ch) -> dict[str, Any] | None:
+        """The stage's parameters whose block (after the repairs) equals ``block``."""
+        import itertools
+
+        want = block.model_dump()
+        options = KIND_OPTIONS[kind] + (("se_ratio",) if "se" in KIND_OPTIONS[kind] else ())
+        lists = [self.choices(st, kind, o) for o in options]
+        model = BLOCK_KINDS[kind]
+        for width in st.width:
+            for combo in itertools.product(*lists):
+                values = dict(zip(options, combo, strict=True))
+                used: dict[str, Any] = {}
+
+                def opt(option: str, values=values, used=used) -> Any:
+                    used[self.param_name(sid, st, kind, option)] = values[option]
+                    return values[option]
+
+                try:
+                    made = model.model_validate(
+                        _make_block(kind, opt, cin, ch(width), st.stride, self.channel_divisor))
+                except ValidationError:
+                    continue
+                if made.model_dump() == want:
+                    return {f"{sid}.width": width, **used}
+        return None
+
     def _build(self, s: _Suggester) -> ArchSpec:
         div = self.channel_divisor
         resolution = s.cat("resolution", self.resolution)
@@ -432,6 +541,24 @@ class _Suggester:
         if low == high:
             return low
         return self.trial.suggest_int(name, low, high)
+
+
+class _Recorder:
+    """A fixed trial that records which parameters the sampler asked for."""
+
+    def __init__(self, params: dict[str, Any]):
+        self.params = params
+        self.used: dict[str, Any] = {}
+
+    def suggest_categorical(self, name: str, choices: Any) -> Any:
+        value = self.params[name]
+        self.used[name] = value
+        return value
+
+    def suggest_int(self, name: str, low: int, high: int) -> int:
+        value = int(self.params[name])
+        self.used[name] = value
+        return value
 
 
 # ---- deterministic repairs ----------------------------------------------------------------

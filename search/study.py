@@ -39,20 +39,35 @@ from search.evaluators.types import (
     MeasureSettings,
     QualitySettings,
 )
+from search.predictor import (
+    RECENT_WINDOW,
+    PredictorPolicy,
+    PredictorState,
+    PredictorStore,
+    audit_draw,
+    over_budget,
+    spec_features,
+    target_key,
+    target_settings,
+)
 from search.space import BUILTIN_SPACES, DesignSpace, spec_summary
 
 DIRECTIONS = ["maximize", "minimize"]
-METRIC_NAMES = ["quality", "latency_ms"]
+METRIC_NAMES = ["quality", "latency_ms"]  # with a ratio budget: ["quality", "latency_ratio"]
 CONFIG_ATTR = "fitnas.config"
 CONFIG_HASH_ATTR = "fitnas.config_hash"
 MODE_ATTR = "fitnas.mode"
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 MIB = 1024 * 1024
+# Reference networks: measured beside a local search (points on its plot) and, at every
+# width multiplier the space allows, its first trials when the space can express them.
+REFERENCE_PRESETS = ("mobilenet_v2@0.5", "mobilenet_v3_small@0.75", "mnasnet@0.5")
 
 # Trial user attribute "status": what happened to the candidate.
 STATUS_MEASURED = "measured"
 STATUS_CACHED = "cached"
 STATUS_OVER_BUDGET = "over_budget"
+STATUS_PREDICTED = "predicted_over_budget"
 STATUS_FAILED = "failed"
 STATUS_INTERRUPTED = "interrupted"
 STATUS_PENDING = "pending"
@@ -107,6 +122,40 @@ class SearchConfig(_Model):
                                         "default 20")
     timeout_s: float = Field(300.0, gt=0, le=24 * 3600, description="per evaluation")
     memory_mb: int = Field(4096, ge=64, le=1_048_576, description="per evaluation")
+    seed_specs: list[ArchSpec] = Field(
+        default_factory=list, max_length=100,
+        description="networks enqueued as the first trials (each must be a point of the "
+        "space); a string is a compact spec or preset:NAME[@WIDTH]")
+    warm_start: bool = Field(True, description="enqueue the reference presets the space "
+                             "can express (every width multiplier it allows) first")
+    predictor: bool = Field(True, description="pre-screen candidates the target's latency "
+                            "predictor confidently places over the latency budget")
+
+    @field_validator("seed_specs", mode="before")
+    @classmethod
+    def _seed_strings(cls, v: Any) -> Any:
+        """Strings are compact specs or presets, never paths (a configuration may come
+        from a client of the service)."""
+        if not isinstance(v, list):
+            return v
+        out = []
+        for item in v:
+            if isinstance(item, str):
+                text = item.strip()
+                if text.startswith("{"):
+                    out.append(json.loads(text))
+                    continue
+                from blocks.load import SpecLoadError, load_spec
+
+                if not (text.startswith("preset:") or text.startswith("net_")):
+                    raise ValueError(f"seed spec {text[:60]!r}: give a compact spec "
+                                     "(net_...), preset:NAME[@WIDTH] or the spec itself")
+                try:
+                    item = load_spec(text)
+                except SpecLoadError as exc:
+                    raise ValueError(f"seed spec {text[:60]!r}: {exc}") from exc
+            out.append(item)
+        return out
 
     @field_validator("space", mode="before")
     @classmethod
@@ -125,7 +174,66 @@ class SearchConfig(_Model):
         if self.budgets.max_latency_ratio is not None and self.measure.reference is None:
             raise ValueError("a relative latency budget needs a reference network "
                              "(measure.reference)")
+        from search.space import SpaceError
+
+        for i, spec in enumerate(self.seed_specs):
+            try:
+                self.space.locate(spec)
+            except SpaceError as exc:
+                raise ValueError(f"seed spec {i + 1} ({spec.to_compact()[:80]}) is outside "
+                                 f"the space: {exc}") from None
         return self
+
+    @property
+    def latency_objective(self) -> str:
+        """The latency figure Optuna, the Pareto set, the winner and the reports use: the
+        budget's own measure (``latency_ratio`` for a ratio budget, else ``latency_ms``).
+        Milliseconds swing with the machine's load between processes; the ratio to the
+        reference timed interleaved does much less, and it is what the budget limits."""
+        if self.budgets.max_latency_ratio is not None and self.budgets.max_latency_ms is None:
+            return "latency_ratio"
+        return "latency_ms"
+
+    def metric_names(self) -> list[str]:
+        return ["quality", self.latency_objective]
+
+    def latency_budgets(self) -> dict[str, float]:
+        out = {}
+        if self.budgets.max_latency_ratio is not None:
+            out["latency_ratio"] = self.budgets.max_latency_ratio
+        if self.budgets.max_latency_ms is not None:
+            out["latency_ms"] = self.budgets.max_latency_ms
+        return out
+
+    def warm_start_specs(self, presets: Iterable[str] = REFERENCE_PRESETS
+                         ) -> list[tuple[str, ArchSpec]]:
+        """What the search enqueues first: the seed specs, then each reference preset at
+        every width multiplier of the space, at the measured resolution, when the space
+        can express it (deduplicated)."""
+        from blocks.presets import preset
+        from search.space import SpaceError
+
+        out: list[tuple[str, ArchSpec]] = [(f"seed {i + 1}", s)
+                                           for i, s in enumerate(self.seed_specs)]
+        if self.warm_start:
+            names = list(dict.fromkeys(p.partition("@")[0] for p in presets))
+            resolution = self.measure.resolution or max(self.space.resolution)
+            for name in names:
+                for width in self.space.width_mult:
+                    try:
+                        spec = preset(name, width, num_classes=self.space.num_classes,
+                                      resolution=resolution)
+                        self.space.locate(spec)
+                    except (SpaceError, ValueError, TypeError):
+                        continue
+                    out.append((f"{name}@{width:g}", spec))
+        seen: set[str] = set()
+        unique = []
+        for label, spec in out:
+            if spec.hash not in seen:
+                seen.add(spec.hash)
+                unique.append((label, spec))
+        return unique
 
     def identity(self) -> dict[str, Any]:
         """What makes two searches the same study: everything but the trial count and the
@@ -302,6 +410,52 @@ def redact_url(url: str) -> str:
         return url.split("@")[-1] if "@" in url else url
 
 
+def write_trial_attrs(study: optuna.Study, trial: optuna.trial.Trial,
+                      user_attrs: dict[str, Any],
+                      constraints: dict[str, float] | None = None) -> None:
+    """Set a trial's user attributes and constraints in one transaction.
+
+    ``Trial.set_user_attr`` / ``set_constraint`` commit once each: 30-100 commits per
+    candidate, 3-30 ms apiece on a loaded database. On an RDB storage this writes the same
+    rows (what optuna-dashboard and ``Trial.user_attrs`` / ``constraints`` read) through
+    the storage's own session, committed once; on any other storage (or should Optuna's
+    internals change) it falls back to one call per attribute."""
+    constraints = constraints or {}
+    for name, value in constraints.items():
+        if math.isnan(float(value)):
+            raise ValueError(f"constraint {name!r} is NaN")
+    storage = study._storage
+    backend = getattr(storage, "_backend", storage)
+    batched = False
+    if isinstance(backend, optuna.storages.RDBStorage):
+        try:
+            from optuna.storages._rdb import models
+            from optuna.storages._rdb.storage import _create_scoped_session
+            from optuna.trial._trial import _CONSTRAINTS_KEY
+
+            set_attr = backend._set_trial_attr_without_commit
+        except (ImportError, AttributeError):
+            pass
+        else:
+            system = {f"{_CONSTRAINTS_KEY}:{k}": float(v) for k, v in constraints.items()}
+            with _create_scoped_session(backend.scoped_session, True) as session:
+                for key, value in user_attrs.items():
+                    set_attr(session, models.TrialUserAttributeModel, trial._trial_id, key,
+                             value)
+                for key, value in system.items():
+                    set_attr(session, models.TrialSystemAttributeModel, trial._trial_id, key,
+                             value)
+            cached = trial._cached_frozen_trial
+            cached.user_attrs.update(user_attrs)
+            cached.system_attrs.update(system)
+            batched = True
+    if not batched:
+        for key, value in user_attrs.items():
+            trial.set_user_attr(key, value)
+        for name, value in constraints.items():
+            trial.set_constraint(name, value)
+
+
 def make_sampler(config: SearchConfig, offset: int = 0) -> optuna.samplers.BaseSampler:
     """The configured sampler. A seeded sampler is seeded with ``seed + offset`` (offset =
     trials already in the study) so that a resumed search does not replay the random
@@ -377,21 +531,29 @@ class SearchDriver:
     """ask / tell over one Optuna study; no evaluation happens here."""
 
     def __init__(self, study: optuna.Study, config: SearchConfig,
-                 cache: MeasurementCache | None = None, owner: str | None = None):
+                 cache: MeasurementCache | None = None, owner: str | None = None,
+                 predictor: PredictorStore | None = None,
+                 policy: PredictorPolicy | None = None):
         self.study = study
         self.config = config
         self.cache = cache
         self.owner = owner
+        self.predictor = predictor
+        self.policy = policy or PredictorPolicy()
+        self.predictor_key = target_key(config.target, config.measure)
 
     # ---- opening ------------------------------------------------------------------------
 
     @classmethod
     def open(cls, storage: str | optuna.storages.BaseStorage, study_name: str,
              config: SearchConfig, cache: MeasurementCache | None = None, *,
-             mode: str = "local", owner: str | None = None) -> SearchDriver:
+             mode: str = "local", owner: str | None = None,
+             predictor: PredictorStore | None = None,
+             policy: PredictorPolicy | None = None) -> SearchDriver:
         """Create the study, or load it when it exists with the same configuration
         (the trial count may differ). ``mode`` is recorded on the study ("local" for
-        ``fitnas search``, "service" for jobs) and must match when loading."""
+        ``fitnas search``, "service" for jobs) and must match when loading. A new study
+        gets its warm start enqueued (:meth:`SearchConfig.warm_start_specs`)."""
         if isinstance(storage, str):
             storage = make_storage(storage)
         existing = 0
@@ -420,21 +582,31 @@ class SearchDriver:
                 raise SearchError(
                     f"study {study_name!r} belongs to a {attrs.get(MODE_ATTR)} search, "
                     f"not a {mode} one")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                names = study.metric_names
+            if names is not None and names != config.metric_names():
+                raise SearchError(
+                    f"study {study_name!r} optimizes {names[1]}, this version "
+                    f"{config.latency_objective}; give another --study name")
         elif len(study.trials) > 0:
             raise SearchError(f"study {study_name!r} exists and was not made by fitnas")
         else:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                study.set_metric_names(METRIC_NAMES)
+                study.set_metric_names(config.metric_names())
             study.set_user_attr(CONFIG_HASH_ATTR, config.config_hash())
             study.set_user_attr(MODE_ATTR, mode)
+            for label, spec in config.warm_start_specs():
+                study.enqueue_trial(config.space.locate(spec),
+                                    user_attrs={"warm_start": label})
         # the latest full configuration (the trial count may have changed on resume)
         study.set_user_attr(CONFIG_ATTR, config.model_dump(mode="json"))
         study.set_user_attr("fitnas.target", config.target)
         for key, value in config.budgets.model_dump().items():
             if value is not None:
                 study.set_user_attr(f"fitnas.budget.{key}", value)
-        return cls(study, config, cache, owner=owner)
+        return cls(study, config, cache, owner=owner, predictor=predictor, policy=policy)
 
     # ---- ask ------------------------------------------------------------------------------
 
@@ -453,8 +625,6 @@ class SearchDriver:
     def ask(self) -> Proposal:
         trial = self.study.ask()
         number = trial.number
-        if self.owner:
-            trial.set_user_attr("owner", self.owner)
         try:
             spec = self.config.space.sample(trial)
             cost = self.cost(spec)
@@ -479,32 +649,109 @@ class SearchDriver:
             "activation_mb": round(cost.activation_bytes / MIB, 4),
             "status": STATUS_PENDING,
         }
+        if self.owner:
+            attrs["owner"] = self.owner
         constraints = self.cost_constraints(cost)
         for name, value in constraints.items():
             attrs[f"constraint_{name}"] = value
-        for k, v in attrs.items():
-            trial.set_user_attr(k, v)
         over = [name for name, value in constraints.items() if value > 0]
         if over:
             # Pre-screened: never measured. Told PRUNED with its constraints: TPE ranks it
             # with the infeasible trials by violation; dashboards show it as Pruned, not
             # as a point on the objective plots (docs/search.md, "Pre-screening").
-            for name, value in constraints.items():
-                trial.set_constraint(name, value)
-            trial.set_user_attr("status", STATUS_OVER_BUDGET)
-            trial.set_user_attr("over_budget", ",".join(over))
-            trial.set_user_attr("feasible", 0)
+            attrs.update(status=STATUS_OVER_BUDGET, over_budget=",".join(over), feasible=0)
+            write_trial_attrs(self.study, trial, attrs, constraints)
             self.study.tell(number, state=TrialState.PRUNED)
             return Proposal(trial_number=number, spec=spec, cost=cost, cache_key=key,
                             told=True, reason=STATUS_OVER_BUDGET)
         if self.cache is not None:
             hit = self.cache.get(key)
             if hit is not None and hit.ok:
-                self._record(trial, hit, status=STATUS_CACHED)
+                self._record(trial, hit, status=STATUS_CACHED, attrs=attrs)
                 return Proposal(trial_number=number, spec=spec, cost=cost, cache_key=key,
                                 told=True, reason=STATUS_CACHED)
+        screened = self._screen(trial, spec, attrs, constraints)
+        if screened:
+            return Proposal(trial_number=number, spec=spec, cost=cost, cache_key=key,
+                            told=True, reason=STATUS_PREDICTED)
+        write_trial_attrs(self.study, trial, attrs)
         return Proposal(trial_number=number, spec=spec, cost=cost, cache_key=key,
                         task=self.config.eval_task(spec))
+
+    # ---- the latency predictor ------------------------------------------------------------
+
+    def features(self, spec: ArchSpec) -> dict[str, float]:
+        m = self.config.measure
+        return spec_features(spec, m.resolution, m.batch, DTYPE_BYTES[m.dtype])
+
+    def predictor_state(self) -> PredictorState | None:
+        """The target's predictor, refitted first when enough measurements arrived."""
+        if self.predictor is None:
+            return None
+        return self.predictor.refit(self.predictor_key, self.config.target, self.policy,
+                                    settings=target_settings(self.config.target,
+                                                             self.config.measure))
+
+    def _screen(self, trial: optuna.trial.Trial, spec: ArchSpec, attrs: dict[str, Any],
+                constraints: dict[str, float]) -> bool:
+        """Predict the candidate's latency (figures and intervals go into ``attrs``); tell
+        it ``predicted_over_budget`` when the interval lies over a latency budget and the
+        predictor is trusted, unless the audit draw says measure it anyway. Enqueued
+        (warm-start) trials are always measured."""
+        budgets = self.config.latency_budgets()
+        if not self.config.predictor or self.predictor is None or not budgets:
+            return False
+        st = self.predictor_state()
+        on, why = self.policy.enabled(st)
+        if st is None or (st.ratio is None and st.ms is None):
+            return False
+        preds = st.predict(self.features(spec))
+        for name, p in preds.items():
+            attrs.update(p.as_attrs(f"predicted_{name}"))
+        attrs["predictor_n"] = st.n
+        over = over_budget(preds, budgets)
+        if not over or "warm_start" in trial.user_attrs:
+            return False
+        if not on:
+            attrs["predictor_off"] = why
+            return False
+        if audit_draw(self.config.seed, trial.number, self.policy.audit_share):
+            attrs["predictor_audit"] = 1
+            return False
+        cons = dict(constraints)
+        for name in budgets:
+            if name in preds:
+                cons[name] = preds[name].value / budgets[name] - 1.0
+                attrs[f"constraint_{name}"] = cons[name]
+        attrs.update(status=STATUS_PREDICTED, over_budget=",".join(over), feasible=0)
+        write_trial_attrs(self.study, trial, attrs, cons)
+        self.study.tell(trial.number, state=TrialState.PRUNED)
+        return True
+
+    def _learn(self, trial: optuna.trial.Trial, attrs: dict[str, Any], ms: float,
+               ratio: float | None) -> None:
+        """Feed a measurement to the target's predictor; when the candidate had been
+        predicted first, record the measured-vs-predicted error (the recent error)."""
+        if self.predictor is None:
+            return
+        ua = trial.user_attrs
+        obj = self.config.latency_objective
+        measured = ratio if obj == "latency_ratio" else ms
+        predicted = ua.get(f"predicted_{obj}")
+        if isinstance(predicted, int | float) and measured:
+            err = predicted / measured - 1.0
+            attrs["predictor_error"] = err
+            st = self.predictor.load(self.predictor_key)
+            if st is not None:
+                st.recent = ([*st.recent, abs(err)])[-RECENT_WINDOW:]
+                self.predictor.save(st)
+        try:
+            spec = ArchSpec.model_validate_json(ua["spec"])
+            self.predictor.add(self.predictor_key, self.config.target, spec.hash,
+                               self.features(spec), ratio, ms)
+        except Exception as exc:  # the predictor never stops a search
+            warnings.warn(f"latency predictor: cannot record a measurement ({exc})",
+                          stacklevel=2)
 
     # ---- tell -----------------------------------------------------------------------------
 
@@ -524,40 +771,53 @@ class SearchDriver:
             return
         self._record(self._trial(frozen), outcome, status=STATUS_MEASURED)
 
-    def _record(self, trial: optuna.trial.Trial, outcome: EvalOutcome, status: str) -> None:
+    def _record(self, trial: optuna.trial.Trial, outcome: EvalOutcome, status: str,
+                attrs: dict[str, Any] | None = None) -> None:
+        """Tell an outcome. ``attrs`` (not yet written, from :meth:`ask`) are written in
+        the same transaction as the outcome's own."""
         number = trial.number
+        pending = dict(attrs or {})
+
+        def fail(reason: str, message: str, seconds: float | None = None) -> None:
+            self._fail(trial, reason, message, seconds=seconds, attrs=pending)
+
         if not outcome.ok:
             failure = outcome.failure
-            self._fail(trial, failure.reason if failure else "runtime_error",
-                       failure.message if failure else "evaluation failed without a reason",
-                       seconds=outcome.seconds)
+            fail(failure.reason if failure else "runtime_error",
+                 failure.message if failure else "evaluation failed without a reason",
+                 seconds=outcome.seconds)
             return
         lat = outcome.latency
         if lat is None:
-            self._fail(trial, "runtime_error", "the outcome has no latency measurement")
+            fail("runtime_error", "the outcome has no latency measurement")
             return
         if self.config.quality.signal == "none" or outcome.quality is None:
             quality = 0.0
             if self.config.quality.signal != "none":
-                self._fail(trial, "runtime_error", "the outcome has no quality value")
+                fail("runtime_error", "the outcome has no quality value")
                 return
         else:
             quality = float(outcome.quality.value)
         if not math.isfinite(quality):
-            self._fail(trial, "runtime_error", f"quality is not finite ({quality})")
+            fail("runtime_error", f"quality is not finite ({quality})")
             return
         budgets = self.config.budgets
-        constraints = dict(self._stored_cost_constraints(trial))
+        stored = {**trial.user_attrs, **pending}
+        constraints = {name: float(stored[f"constraint_{name}"])
+                       for name in budgets.cost_limits() if f"constraint_{name}" in stored}
         ratio = lat.ratio_to_reference.median if lat.ratio_to_reference else None
         if budgets.max_latency_ms is not None:
             constraints["latency_ms"] = lat.latency_ms.median / budgets.max_latency_ms - 1.0
         if budgets.max_latency_ratio is not None:
             if ratio is None:
-                self._fail(trial, "runtime_error",
-                           "a relative latency budget, but no ratio to the reference came back")
+                fail("runtime_error",
+                     "a relative latency budget, but no ratio to the reference came back")
                 return
             constraints["latency_ratio"] = ratio / budgets.max_latency_ratio - 1.0
-        attrs: dict[str, Any] = {
+        max_cv = self.config.measure.max_cv
+        spread = max(lat.latency_ms.cv, lat.ratio_to_reference.cv if lat.ratio_to_reference
+                     else 0.0)
+        new: dict[str, Any] = {
             "status": status,
             "quality": quality,
             "latency_ms": lat.latency_ms.median,
@@ -567,50 +827,46 @@ class SearchDriver:
             "latency_n": lat.latency_ms.n,
             "contended": int(bool(lat.contended)),
             "remeasured": int(bool(lat.remeasured)),
+            # still wider than max_cv after the remeasurements: a figure to treat with care
+            "wide": int(spread > max_cv),
             "runtime": lat.runtime,
             "device": lat.device,
             "eval_seconds": outcome.seconds,
         }
         if ratio is not None:
-            attrs["latency_ratio"] = ratio
-            attrs["reference"] = lat.reference
+            new["latency_ratio"] = ratio
+            new["latency_ratio_cv"] = lat.ratio_to_reference.cv
+            new["reference"] = lat.reference
             if lat.reference_latency_ms is not None:
-                attrs["reference_latency_ms"] = lat.reference_latency_ms.median
+                new["reference_latency_ms"] = lat.reference_latency_ms.median
         if outcome.quality is not None:
-            attrs["quality_signal"] = outcome.quality.signal
-            attrs["quality_seconds"] = outcome.quality.seconds
+            new["quality_signal"] = outcome.quality.signal
+            new["quality_seconds"] = outcome.quality.seconds
         if lat.notes:
-            attrs["latency_notes"] = "; ".join(lat.notes)[:2000]
+            new["latency_notes"] = "; ".join(lat.notes)[:2000]
         for name, value in constraints.items():
-            attrs[f"constraint_{name}"] = value
-        attrs["feasible"] = int(all(v <= 0 for v in constraints.values()))
-        for k, v in attrs.items():
-            trial.set_user_attr(k, v)
-        for name, value in constraints.items():
-            trial.set_constraint(name, value)
+            new[f"constraint_{name}"] = value
+        new["feasible"] = int(all(v <= 0 for v in constraints.values()))
+        pending.update(new)
+        objective = ratio if self.config.latency_objective == "latency_ratio" else None
+        objective = lat.latency_ms.median if objective is None else objective
+        if status == STATUS_MEASURED:
+            self._learn(trial, pending, lat.latency_ms.median, ratio)
+        write_trial_attrs(self.study, trial, pending, constraints)
         if status == STATUS_MEASURED and self.cache is not None:
-            key = trial.user_attrs.get("cache_key")
+            key = stored.get("cache_key")
             if key:
                 self.cache.put(key, outcome)
-        self.study.tell(number, [quality, lat.latency_ms.median])
-
-    def _stored_cost_constraints(self, trial: optuna.trial.Trial) -> dict[str, float]:
-        attrs = trial.user_attrs
-        out = {}
-        for name in self.config.budgets.cost_limits():
-            value = attrs.get(f"constraint_{name}")
-            if value is not None:
-                out[name] = float(value)
-        return out
+        self.study.tell(number, [quality, objective])
 
     def _fail(self, trial: optuna.trial.Trial, reason: str, message: str,
-              seconds: float | None = None, status: str = STATUS_FAILED) -> None:
-        trial.set_user_attr("status", status)
-        trial.set_user_attr("fail_reason", reason)
-        trial.set_user_attr("fail_message", message[:2000])
-        trial.set_user_attr("feasible", 0)
+              seconds: float | None = None, status: str = STATUS_FAILED,
+              attrs: dict[str, Any] | None = None) -> None:
+        out = dict(attrs or {})
+        out.update(status=status, fail_reason=reason, fail_message=message[:2000], feasible=0)
         if seconds is not None:
-            trial.set_user_attr("eval_seconds", seconds)
+            out["eval_seconds"] = seconds
+        write_trial_attrs(self.study, trial, out)
         self.study.tell(trial.number, state=TrialState.FAIL)
 
     def fail_stale(self, trial_numbers: Iterable[int], reason: str = "interrupted",
@@ -696,6 +952,7 @@ class SearchDriver:
 __all__ = [
     "DIRECTIONS",
     "METRIC_NAMES",
+    "REFERENCE_PRESETS",
     "Budgets",
     "MeasurementCache",
     "Proposal",
@@ -708,4 +965,5 @@ __all__ = [
     "owner_alive",
     "process_owner",
     "redact_url",
+    "write_trial_attrs",
 ]

@@ -73,6 +73,10 @@ def search(
     presets: str = typer.Option(
         "mobilenet_v2@0.5,mobilenet_v3_small@0.75,mnasnet@0.5", "--presets",
         help="reference networks for the plot (comma-separated NAME@WIDTH, or 'none')"),
+    seed_spec: list[str] = typer.Option(
+        [], "--seed-spec", metavar="SPEC",
+        help="a network to try first (repeatable; preset:NAME@W, compact, JSON or a file); "
+             "it must be a point of the space"),
     out: str = typer.Option(DEFAULT_OUT, "--out", help="output folder"),
     as_json: bool = typer.Option(False, "--json",
                                  help="print the Pareto set and the winner as JSON"),
@@ -128,6 +132,7 @@ def search(
             seed=seed,
             timeout_s=timeout,
             memory_mb=memory_mb,
+            seed_specs=[load_spec_or_fail(s) for s in seed_spec],
         )
     except ValidationError as exc:
         fail(f"bad option {_first_error(exc)}")
@@ -168,7 +173,9 @@ def _print_summary(result) -> None:
     console.print(
         f"{c['trials']} trials: {c['measured']} measured, {c['cached']} from the cache, "
         f"{c['over_budget']} over a params/MACs/memory budget (not measured), "
-        f"{c['failed']} failed; {c['feasible']} feasible", highlight=False)
+        f"{c.get('predicted_over_budget', 0)} predicted over the latency budget (not "
+        f"measured), {c['failed']} failed; {c['feasible']} feasible; median "
+        f"{r.get('median_candidate_s') or 0:.2f} s per candidate", highlight=False)
     refs = [x for x in r["references"] if x.get("ok")]
     if refs:
         console.print("reference networks: " + ", ".join(
@@ -178,9 +185,11 @@ def _print_summary(result) -> None:
         console.print("no feasible architecture found: loosen the budgets or run more trials",
                       highlight=False)
     else:
+        ratio = winner.get("latency_ratio")
+        rtxt = f" ({ratio:.3f}x ref)" if isinstance(ratio, int | float) else ""
         console.print(f"recommended: #{winner['number']} quality {winner['quality']:.4g}, "
-                      f"{winner['latency_ms']:.3f} ms, {winner.get('params', 0):,} params",
-                      highlight=False)
+                      f"{winner['latency_ms']:.3f} ms{rtxt}, {winner.get('params', 0):,} "
+                      "params", highlight=False)
         console.print(f"  {winner.get('spec_compact', '')}", highlight=False, soft_wrap=True)
         for fmt, path in result.exports.items():
             console.print(f"  {fmt:<12} {path}", highlight=False)
