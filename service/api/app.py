@@ -12,12 +12,14 @@ import logging
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy.exc import DBAPIError
 
+from service.api.boundary import BodyLimits, RequestGuard, validation_errors
 from service.api.deps import require_user
 from service.api.metrics import CONTENT_TYPE, Metrics
-from service.db import Database
+from service.db import Database, error_status
 from service.scheduler import Scheduler, SchedulerLoop
 from service.settings import Settings, get_settings
 
@@ -80,13 +82,26 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None) 
     app.include_router(workers.router)
     app.include_router(tasks.router)
 
+    app.add_middleware(RequestGuard, limits=BodyLimits.from_settings(settings))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        return JSONResponse({"detail": validation_errors(list(exc.errors()))},
+                            status_code=422)
+
     @app.exception_handler(DBAPIError)
     async def _db_error(request: Request, exc: DBAPIError):
-        log.error("database error on %s %s: %s", request.method, request.url.path, exc.orig)
-        return JSONResponse(
-            {"detail": "database unavailable, retry later"}, status_code=503,
-            headers={"Retry-After": "2"},
-        )
+        code = error_status(exc)
+        if code == 503:
+            log.error("database unavailable on %s %s: %s", request.method, request.url.path,
+                      exc.orig)
+            return JSONResponse({"detail": "database unavailable, retry later"},
+                                status_code=503, headers={"Retry-After": "2"})
+        log.warning("database refused %s %s (%d): %s", request.method, request.url.path,
+                    code, exc.orig)
+        detail = {422: "a value in the request does not fit the database",
+                  409: "the request conflicts with stored data"}.get(code, "internal error")
+        return JSONResponse({"detail": detail}, status_code=code)
 
     @app.get("/healthz", tags=["operations"], summary="Liveness (no auth)")
     def healthz():

@@ -28,5 +28,16 @@ def load_spec_or_fail(arg: str):
         fail(str(exc))
 
 
+def spec_text_or_fail(arg: str) -> str:
+    """A SPEC argument as text that any process may read without a file system: a file
+    the person named is read here, on their machine, and sent on as inline JSON."""
+    from blocks.load import is_spec_text
+
+    spec = load_spec_or_fail(arg)
+    if is_spec_text(arg):
+        return arg.strip()
+    return json.dumps(spec.canonical_dict(), separators=(",", ":"))
+
+
 def print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")

@@ -87,7 +87,7 @@ def search(
     from search.local import SearchInterrupted, run_search
     from search.space import DesignSpace, SpaceError
     from search.study import Budgets, SearchConfig, SearchError
-    from service.cli.common import load_spec_or_fail
+    from service.cli.common import spec_text_or_fail
 
     if (max_latency_ms is None) == (max_latency_ratio is None):
         fail("give exactly one latency budget: --max-latency-ms X or --max-latency-ratio R")
@@ -99,7 +99,7 @@ def search(
             fail("--max-latency-ratio needs a --reference network")
         ref = None
     else:
-        load_spec_or_fail(ref)
+        ref = spec_text_or_fail(ref)
     try:
         space_obj = DesignSpace.load(space)
     except SpaceError as exc:

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from service.api.deps import User, get_db, require_user
 from service.api.schemas import (
+    MAX_OFFSET,
     ExportFormat,
     JobCreate,
     JobOut,
@@ -86,6 +87,13 @@ def build_config(body: JobCreate):
             space = DesignSpace.load(space)
         except SpaceError as exc:  # pragma: no cover - built-ins are tested
             raise _unprocessable(str(exc)) from exc
+    if body.measure.reference is not None:
+        from blocks.load import SpecLoadError, parse_spec
+
+        try:
+            parse_spec(body.measure.reference)  # text only: the API never opens a path
+        except SpecLoadError as exc:
+            raise _unprocessable(f"measure.reference: {exc}") from exc
     quality = body.quality
     if body.signal is not None:
         quality = quality.model_copy(update={"signal": body.signal})
@@ -237,7 +245,7 @@ def create_job(
 def list_jobs(
     request: Request,
     status_: Annotated[JobStatus | None, Query(alias="status")] = None,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     user: User = Depends(require_user),
     db: Database = Depends(get_db),
@@ -308,7 +316,7 @@ def _study_and_driver(request: Request, job: Job):
 def list_trials(
     job_id: str,
     request: Request,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     state: Annotated[
         str | None, Query(description="COMPLETE, PRUNED, FAIL or RUNNING")
@@ -430,7 +438,7 @@ def export_job(
     job_id: str,
     request: Request,
     format: Annotated[ExportFormat, Query(description="json, pytorch, torchscript, onnx")] = "json",
-    trial: Annotated[int | None, Query(ge=0)] = None,
+    trial: Annotated[int | None, Query(ge=0, le=MAX_OFFSET)] = None,
     user: User = Depends(require_user),
     db: Database = Depends(get_db),
 ):

@@ -18,6 +18,7 @@ from service.api.deps import (
     require_worker,
 )
 from service.api.schemas import (
+    MAX_OFFSET,
     Status,
     TargetCreate,
     TargetOut,
@@ -158,7 +159,7 @@ def list_workers(
     request: Request,
     target: str | None = None,
     live: bool | None = Query(None, description="only live (true) or only silent (false)"),
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
     user: User = Depends(require_user),
     db: Database = Depends(get_db),
