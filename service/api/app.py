@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 from sqlalchemy.exc import DBAPIError
 
 from service.api.boundary import BodyLimits, RequestGuard, validation_errors
@@ -58,7 +59,9 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None) 
                 await loop.stop()
             db.dispose()
 
-    app = FastAPI(
+    # /docs and /redoc load Swagger UI and ReDoc from the installed fastapi-offline
+    # package, never from a CDN: a self-hosted service is often air-gapped.
+    app = FastAPIOffline(
         title="fitnas",
         version=_version(),
         description=API_DESCRIPTION,

@@ -59,7 +59,11 @@ JOB_EXAMPLE = {
 
 class JobCreate(_In):
     """A search job: what to search (design space), on which device class (target), under
-    which hard budgets, with how many trials and how many measurements at once."""
+    which hard budgets, with how many trials and how many measurements at once.
+
+    The target must exist before a job names it: `fitnas admin create-worker-token
+    --target cpu-x86-4t` (or `POST /v1/targets`) creates it, and a worker with that token
+    measures for it."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [JOB_EXAMPLE]})
 

@@ -19,7 +19,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from service.api.deps import User, get_db, require_user
+from service.api.deps import AUTH_RESPONSES, BODY_RESPONSES, User, get_db, require_user
 from service.api.schemas import (
     MAX_OFFSET,
     ExportFormat,
@@ -38,7 +38,7 @@ from service.studies import load_study, trial_view
 
 log = logging.getLogger("fitnas.api")
 
-router = APIRouter(prefix="/v1", tags=["jobs"])
+router = APIRouter(prefix="/v1", tags=["jobs"], responses=AUTH_RESPONSES)
 
 MEDIA_TYPES = {
     "json": "application/json",
@@ -153,7 +153,9 @@ def _own_job(db: Database, user: User, job_id: str) -> Job:
     responses={
         200: {"description": "Replay: a job with this Idempotency-Key exists; it is returned"},
         409: {"description": "The Idempotency-Key was used with a different request"},
-        422: {"description": "Invalid job (unknown target, bad space, limits)"},
+        413: BODY_RESPONSES[413],
+        422: {"description": "Invalid job (unknown target, bad space, limits): the field "
+              "and the reason"},
     },
 )
 def create_job(

@@ -13,7 +13,14 @@ from sqlalchemy import update
 from starlette.concurrency import run_in_threadpool
 
 from service import leases
-from service.api.deps import WorkerPrincipal, check_target, get_db, require_worker
+from service.api.deps import (
+    AUTH_RESPONSES,
+    BODY_RESPONSES,
+    WorkerPrincipal,
+    check_target,
+    get_db,
+    require_worker,
+)
 from service.api.routes.workers import load_worker
 from service.api.schemas import (
     FailIn,
@@ -29,7 +36,8 @@ from service.api.schemas import (
 from service.db import Database, utcnow
 from service.models import Worker
 
-router = APIRouter(prefix="/v1/tasks", tags=["tasks (workers)"])
+router = APIRouter(prefix="/v1/tasks", tags=["tasks (workers)"],
+                   responses={**AUTH_RESPONSES, **BODY_RESPONSES})
 
 _ERRORS = {
     409: {"description": "Stale lease token: the lease expired and was re-queued, went to "

@@ -10,6 +10,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from service.api.deps import (
+    AUTH_RESPONSES,
     User,
     WorkerPrincipal,
     check_target,
@@ -30,7 +31,7 @@ from service.db import Database, new_id, utcnow
 from service.leases import live_workers
 from service.models import Target, Task, Worker
 
-router = APIRouter(prefix="/v1", tags=["targets and workers"])
+router = APIRouter(prefix="/v1", tags=["targets and workers"], responses=AUTH_RESPONSES)
 
 
 def _settings(request: Request):
