@@ -2,7 +2,7 @@
 exports. Depends on torch and pydantic only."""
 
 from blocks.builder import build_model
-from blocks.load import SpecLoadError, load_spec
+from blocks.load import SpecLoadError, load_spec, parse_spec
 from blocks.presets import PRESETS, preset
 from blocks.shapes import SpecError, resolve
 from blocks.spec import SCHEMA_VERSION, ArchSpec
@@ -15,6 +15,7 @@ __all__ = [
     "SpecLoadError",
     "build_model",
     "load_spec",
+    "parse_spec",
     "preset",
     "resolve",
 ]

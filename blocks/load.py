@@ -1,7 +1,12 @@
 """Turn a user's SPEC argument into an :class:`ArchSpec`.
 
 SPEC is one of: ``preset:NAME`` or ``preset:NAME@WIDTH``; a compact string
-(``net_v1_...``); a path to a JSON file; or an inline JSON object.
+(``net_v1_...``); an inline JSON object; or, on the command line only, a path to a JSON
+file.
+
+Two entry points, so that no string that came over the wire is ever opened as a file:
+:func:`parse_spec` never touches the file system (the API, the scheduler and every
+evaluator use it), and :func:`load_spec` adds the file form for a person at a terminal.
 """
 
 from __future__ import annotations
@@ -34,7 +39,18 @@ def spec_from_dict(data: object) -> ArchSpec:
         raise SpecLoadError(f"invalid spec: {_validation_message(exc)}") from exc
 
 
-def load_spec(arg: str) -> ArchSpec:
+SPEC_TEXT_FORMS = "preset:NAME[@WIDTH], a compact spec (net_v1_...) or inline JSON"
+
+
+def is_spec_text(arg: str) -> bool:
+    """Whether ``arg`` has one of the forms :func:`parse_spec` reads (never a path)."""
+    arg = arg.strip()
+    return arg.startswith(("preset:", "net", "{"))
+
+
+def parse_spec(arg: str) -> ArchSpec:
+    """A SPEC given as text: a preset, a compact string or inline JSON. Never opens a
+    file: anything else is a :class:`SpecLoadError`, whatever the file system holds."""
     arg = arg.strip()
     if arg.startswith("preset:"):
         name, _, width = arg[len("preset:"):].partition("@")
@@ -58,7 +74,14 @@ def load_spec(arg: str) -> ArchSpec:
             return spec_from_dict(json.loads(arg))
         except json.JSONDecodeError as exc:
             raise SpecLoadError(f"inline JSON does not parse: {exc}") from exc
-    path = Path(arg)
+    raise SpecLoadError(f"a SPEC here is {SPEC_TEXT_FORMS}, never a path")
+
+
+def load_spec(arg: str) -> ArchSpec:
+    """A SPEC from a person at a terminal: :func:`parse_spec`'s forms, or a JSON file."""
+    if is_spec_text(arg):
+        return parse_spec(arg)
+    path = Path(arg.strip())
     if not path.is_file():
         raise SpecLoadError(
             f"{arg!r} is not a preset (preset:NAME[@WIDTH]), a compact spec (net_v1_...), "

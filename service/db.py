@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.clock import utcnow as utcnow  # the service's clock seam, re-exported
@@ -66,6 +66,22 @@ def is_retryable(exc: BaseException) -> bool:
         if sqlstate in _RETRY_SQLSTATES:
             return True
     return False
+
+
+def error_status(exc: DBAPIError) -> int:
+    """The HTTP status for a database error: 503 (retry later) only when the database is
+    unreachable or unavailable; 422 when the request's data does not fit a column (SQL
+    state class 22), 409 for a constraint (class 23); 500 for anything else (a bug)."""
+    sqlstate = str(getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+                   or "")
+    if sqlstate.startswith("22") or isinstance(exc, DataError):
+        return 422
+    if sqlstate.startswith("23") or isinstance(exc, IntegrityError):
+        return 409
+    if (exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError)
+            or sqlstate.startswith(("08", "53", "57", "40"))):
+        return 503
+    return 500
 
 
 def _sqlite_setup(engine: Engine, busy_timeout_ms: int) -> None:

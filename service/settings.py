@@ -61,6 +61,15 @@ class Settings(BaseSettings):
     max_trials: int = Field(10_000, ge=1)
     max_parallelism: int = Field(64, ge=1)
     max_page_size: int = Field(500, ge=1)
+    max_body_bytes: int = Field(
+        64 * 1024, ge=1024, le=64 * 2**20,
+        description="largest request body (413 above it, before it is read)")
+    max_job_body_bytes: int = Field(
+        1024 * 1024, ge=1024, le=64 * 2**20,
+        description="largest POST /v1/jobs body (a job with an inline design space)")
+    max_result_body_bytes: int = Field(
+        1024 * 1024, ge=1024, le=64 * 2**20,
+        description="largest worker result or failure report")
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

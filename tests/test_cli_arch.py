@@ -140,7 +140,7 @@ def test_show_accepts_compact_json_file_and_resolution(tmp_path):
         (("arch", "show", '{"stem":{"out_channels":6},"stages":[{"block":{"kind":"conv",'
           '"out_channels":99999}}]}'), "out_channels"),
         (("arch", "export", "preset:mobilenet_v2", "-f", "json"), "--output/-o is required"),
-        (("arch", "export", "preset:mobilenet_v2", "-o", "x.json"), "--format is required"),
+        (("arch", "export", "preset:mobilenet_v2", "-o", "x.bin"), "cannot tell the format"),
     ],
 )
 def test_bad_input_is_one_line(args, needle):

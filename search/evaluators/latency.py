@@ -443,7 +443,7 @@ def measure_latency(spec: ArchSpec, settings: MeasureSettings,
     import torch
 
     from blocks.cost import estimate_cost
-    from blocks.load import SpecLoadError, load_spec
+    from blocks.load import SpecLoadError, parse_spec
     from blocks.shapes import resolve
 
     check_settings(settings)
@@ -452,7 +452,7 @@ def measure_latency(spec: ArchSpec, settings: MeasureSettings,
     ref_spec = None
     if settings.reference:
         try:
-            ref_spec = load_spec(settings.reference)
+            ref_spec = parse_spec(settings.reference)
         except SpecLoadError as exc:
             raise SpecLoadError(f"reference {settings.reference!r}: {exc}") from exc
     ref_resolution = settings.resolution or (ref_spec.resolution if ref_spec else resolution)

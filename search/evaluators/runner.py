@@ -97,7 +97,7 @@ def memory_estimate(task: EvalTask, spec=None) -> tuple[int, str]:
     Runtime the exported graph) and one inference's peak activations, for the candidate
     and the reference; training holds weights, gradients and saved activations."""
     from blocks.cost import estimate_cost
-    from blocks.load import load_spec
+    from blocks.load import parse_spec
 
     spec = spec if spec is not None else _parse_spec(task)
     need = 0
@@ -112,7 +112,7 @@ def memory_estimate(task: EvalTask, spec=None) -> tuple[int, str]:
         acts = c.activation_bytes
         if m.reference:
             try:
-                rs = load_spec(m.reference)
+                rs = parse_spec(m.reference)
                 rc = estimate_cost(rs, m.resolution or rs.resolution, m.batch,
                                    dtype_bytes=dtype_bytes)
                 weights += rc.params * 4 * copies

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from search.evaluators import allocator
 
@@ -31,6 +31,24 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# What a SPEC sent over the wire may be (blocks.load.parse_spec reads exactly these). A
+# path is never one: the worker would open it, and a client could probe its file system.
+SPEC_TEXT_PREFIXES = ("preset:", "net", "{")
+
+
+def _spec_text(v: str | None) -> str | None:
+    if v is not None and not v.strip().startswith(SPEC_TEXT_PREFIXES):
+        raise ValueError("a SPEC here is preset:NAME[@WIDTH], a compact spec (net_v1_...) "
+                         "or inline JSON, never a path")
+    return v
+
+
+SpecText = Annotated[str, AfterValidator(_spec_text), Field(max_length=200_000)]
+# A data set is a name: built in ('digits') or one the worker's own configuration maps.
+DataName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+                                max_length=64)]
+
+
 class MeasureSettings(_Model):
     """How latency is measured. Everything here is part of the measurement key."""
 
@@ -41,7 +59,7 @@ class MeasureSettings(_Model):
     dtype: DType = "float32"
     channels_last: bool = False
     threads: int | None = Field(None, ge=1, le=256, description="None: free cores, at most 4")
-    reference: str | None = Field(
+    reference: SpecText | None = Field(
         "preset:mobilenet_v2@0.5",
         description="SPEC of the reference network timed interleaved (A B A B) with the "
         "candidate; None disables ratio_to_reference",
@@ -72,7 +90,7 @@ class MeasureSettings(_Model):
 
 class QualitySettings(_Model):
     signal: Signal = "synflow"
-    data: str = Field("digits", description="'digits' (built in) or a name the worker's own "
+    data: DataName = Field("digits", description="'digits' (built in) or a name the worker's own "
                       "configuration maps to an ImageFolder directory or .npz file")
     steps: int = Field(200, ge=1, le=100_000, description="optimizer steps for 'train'")
     batch: int = Field(32, ge=1, le=1024)

@@ -12,13 +12,16 @@ import logging
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 from sqlalchemy.exc import DBAPIError
 
 from service import leases
+from service.api.boundary import BodyLimits, RequestGuard, validation_errors
 from service.api.deps import require_user
 from service.api.metrics import CONTENT_TYPE, Metrics
-from service.db import Database
+from service.db import Database, error_status
 from service.scheduler import Scheduler, SchedulerLoop
 from service.settings import Settings, get_settings
 
@@ -57,7 +60,9 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None) 
                 await loop.stop()
             db.dispose()
 
-    app = FastAPI(
+    # /docs and /redoc load Swagger UI and ReDoc from the installed fastapi-offline
+    # package, never from a CDN: a self-hosted service is often air-gapped.
+    app = FastAPIOffline(
         title="fitnas",
         version=_version(),
         description=API_DESCRIPTION,
@@ -81,6 +86,7 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None) 
     app.include_router(workers.router)
     app.include_router(tasks.router)
 
+    app.add_middleware(RequestGuard, limits=BodyLimits.from_settings(settings))
     _register_error_handlers(app)
 
     @app.get("/healthz", tags=["operations"], summary="Liveness (no auth)")
@@ -124,13 +130,24 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None) 
 def _register_error_handlers(app: FastAPI) -> None:
     """The domain errors raised below the routes, as HTTP answers, in one place."""
 
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        return JSONResponse({"detail": validation_errors(list(exc.errors()))},
+                            status_code=422)
+
     @app.exception_handler(DBAPIError)
     async def _db_error(request: Request, exc: DBAPIError):
-        log.error("database error on %s %s: %s", request.method, request.url.path, exc.orig)
-        return JSONResponse(
-            {"detail": "database unavailable, retry later"}, status_code=503,
-            headers={"Retry-After": "2"},
-        )
+        code = error_status(exc)
+        if code == 503:
+            log.error("database unavailable on %s %s: %s", request.method, request.url.path,
+                      exc.orig)
+            return JSONResponse({"detail": "database unavailable, retry later"},
+                                status_code=503, headers={"Retry-After": "2"})
+        log.warning("database refused %s %s (%d): %s", request.method, request.url.path,
+                    code, exc.orig)
+        detail = {422: "a value in the request does not fit the database",
+                  409: "the request conflicts with stored data"}.get(code, "internal error")
+        return JSONResponse({"detail": detail}, status_code=code)
 
     @app.exception_handler(leases.TaskNotFound)
     async def _no_task(request: Request, exc: leases.TaskNotFound):

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Request, status
+from fastapi import Depends, HTTPException, Request, Security, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
@@ -75,6 +76,31 @@ def _lookup(db: Database, model, token: str):
     return row
 
 
+# Declares the scheme in the OpenAPI document (so that /docs has "Authorize" and "Try it
+# out" sends the token); the checks themselves, with their one-line messages, are ours.
+bearer_scheme = HTTPBearer(
+    auto_error=False, scheme_name="bearer",
+    description="an API key (fnk_..., `fitnas admin create-key`) for the job routes; a "
+    "worker token (fnw_..., `fitnas admin create-worker-token --target T`) for the task "
+    "protocol")
+Credentials = HTTPAuthorizationCredentials | None
+DeclaredBearer = Annotated[Credentials, Security(bearer_scheme)]
+
+
+# Documented on every authenticated route (OpenAPI ``responses``).
+AUTH_RESPONSES: dict[int | str, dict] = {
+    401: {"description": "Missing, invalid or revoked bearer token"},
+    403: {"description": "The token may not call this route (a worker token on a job "
+          "route, an API key on the task protocol, or another target's worker token)"},
+}
+BODY_RESPONSES: dict[int | str, dict] = {
+    413: {"description": "Request body over this route's size limit (refused before it "
+          "is read)"},
+    422: {"description": "Invalid request: the field and the reason (strict JSON: no "
+          "NaN/Infinity, NUL or lone surrogates)"},
+}
+
+
 def get_db(request: Request) -> Database:
     return request.app.state.db
 
@@ -103,7 +129,8 @@ MetricsDep = Annotated[Metrics | NullMetrics, Depends(get_metrics)]
 WakeScheduler = Annotated[Callable[[], None], Depends(get_wake)]
 
 
-def require_user(request: Request, db: DatabaseDep) -> User:
+def require_user(request: Request, db: DatabaseDep,
+                 _declared: DeclaredBearer) -> User:
     token = _bearer(request)
     if token.startswith(WORKER_TOKEN_PREFIX):
         raise HTTPException(
@@ -115,7 +142,8 @@ def require_user(request: Request, db: DatabaseDep) -> User:
     return User(key_id=row.id, owner=row.owner)
 
 
-def require_worker(request: Request, db: DatabaseDep) -> WorkerPrincipal:
+def require_worker(request: Request, db: DatabaseDep,
+                   _declared: DeclaredBearer) -> WorkerPrincipal:
     token = _bearer(request)
     if token.startswith(API_KEY_PREFIX):
         raise HTTPException(

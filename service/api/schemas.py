@@ -4,9 +4,9 @@ worker protocol's models are in ``service/protocol.py``, shared with the worker.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictInt, Tag
 
 from search.evaluators.types import MeasureSettings, QualitySettings, Signal
 from search.space import DesignSpace
@@ -16,6 +16,24 @@ from service.protocol import TargetName
 from service.states import JobStatus
 
 ExportFormat = Literal["json", "pytorch", "torchscript", "onnx"]
+
+
+# Every number that reaches a database column fits it: offsets and trial numbers stay
+# within a signed 32-bit integer (SQLite and PostgreSQL both hold it).
+MAX_OFFSET = 2**31 - 1
+
+
+def _space_form(v: Any) -> str:
+    return "name" if isinstance(v, str) else "inline"
+
+
+# A name or an inline space, told apart by the value's JSON type, so that an invalid
+# inline space reports its own errors (not "space: Input should be a valid string").
+SpaceField = Annotated[
+    Annotated[str, Tag("name"), Field(max_length=100)]
+    | Annotated[DesignSpace, Tag("inline")],
+    Discriminator(_space_form),
+]
 
 
 # ---- jobs ------------------------------------------------------------------------------------
@@ -36,30 +54,35 @@ JOB_EXAMPLE = {
 
 class JobCreate(_In):
     """A search job: what to search (design space), on which device class (target), under
-    which hard budgets, with how many trials and how many measurements at once."""
+    which hard budgets, with how many trials and how many measurements at once.
+
+    The target must exist before a job names it: `fitnas admin create-worker-token
+    --target cpu-x86-4t` (or `POST /v1/targets`) creates it, and a worker with that token
+    measures for it."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [JOB_EXAMPLE]})
 
     name: str | None = Field(None, max_length=200)
     target: TargetName
-    space: str | DesignSpace = Field(
+    space: SpaceField = Field(
         "default",
         description="a built-in space name ('default', 'mobilenet_v2') or an inline design "
         "space (docs/search.md); never a server path",
     )
     budgets: Budgets = Budgets()
-    trials: int = Field(40, ge=1, description="trials to finish (over-budget and cached "
+    trials: StrictInt = Field(40, ge=1, description="trials to finish (over-budget and cached "
                         "ones count)")
-    parallelism: int = Field(2, ge=1, description="measurements in flight at once; also "
+    parallelism: StrictInt = Field(2, ge=1, description="measurements in flight at once; also "
                              "bounded by the live workers of the target")
     measure: MeasureSettings = MeasureSettings()
     quality: QualitySettings = QualitySettings()
     signal: Signal | None = Field(None, description="shorthand for quality.signal")
     sampler: Literal["tpe", "nsga2", "random"] = "tpe"
-    seed: int | None = Field(None, ge=0, le=2**31 - 1)
-    population_size: int | None = Field(None, ge=2, le=1000, description="NSGA-II only")
+    seed: StrictInt | None = Field(None, ge=0, le=2**31 - 1)
+    population_size: StrictInt | None = Field(None, ge=2, le=1000,
+                                              description="NSGA-II only")
     timeout_s: float = Field(300.0, gt=0, le=24 * 3600, description="per evaluation")
-    memory_mb: int = Field(4096, ge=64, le=1_048_576, description="per evaluation")
+    memory_mb: StrictInt = Field(4096, ge=64, le=1_048_576, description="per evaluation")
 
 
 class Progress(BaseModel):

@@ -6,6 +6,7 @@ string (``net_v1_...``), inline JSON or a path to a JSON file.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -20,6 +21,8 @@ arch_app = typer.Typer(
 )
 
 FORMATS = ("json", "pytorch", "torchscript", "onnx")
+FORMAT_BY_SUFFIX = {".json": "json", ".py": "pytorch", ".pt": "torchscript",
+                    ".ts": "torchscript", ".onnx": "onnx"}
 
 
 def _human_count(n: int) -> str:
@@ -190,13 +193,18 @@ def export_cmd(
         None, "--resolution", "-r",
         help="Example input resolution for torchscript/onnx (default: the spec's)."),
 ) -> None:
-    """Write SPEC as a JSON spec, standalone PyTorch source, TorchScript or ONNX."""
-    if not fmt:
-        fail(f"--format is required: one of {', '.join(FORMATS)}")
-    if fmt not in FORMATS:
-        fail(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    """Write SPEC as a JSON spec, standalone PyTorch source, TorchScript or ONNX (the
+    format follows the file's extension unless --format names it)."""
     if not output:
         fail("--output/-o is required: the file to write")
+    if not fmt:
+        fmt = FORMAT_BY_SUFFIX.get(Path(output).suffix.lower(), "")
+        if not fmt:
+            fail(f"cannot tell the format from {output!r}: give --format ("
+                 f"{', '.join(FORMATS)}) or a file ending in "
+                 f"{', '.join(sorted(FORMAT_BY_SUFFIX))}")
+    if fmt not in FORMATS:
+        fail(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
     spec = load_spec_or_fail(spec_arg)
     from blocks.cost import estimate_cost
     from blocks.export import ExportError, export

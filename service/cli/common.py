@@ -28,5 +28,71 @@ def load_spec_or_fail(arg: str):
         fail(str(exc))
 
 
+def spec_text_or_fail(arg: str) -> str:
+    """A SPEC argument as text that any process may read without a file system: a file
+    the person named is read here, on their machine, and sent on as inline JSON."""
+    from blocks.load import is_spec_text
+
+    spec = load_spec_or_fail(arg)
+    if is_spec_text(arg):
+        return arg.strip()
+    return json.dumps(spec.canonical_dict(), separators=(",", ":"))
+
+
+def check_storage_or_fail(url: str, *, must_exist: bool = False,
+                          make_folder: bool = False) -> None:
+    """One clear line, before any work, for a storage URL that cannot work: not a URL, an
+    unknown dialect (``postgres://`` for ``postgresql+psycopg://``), a SQLite file in a
+    folder that does not exist (made only when ``make_folder``: the default output
+    folder, never a path a person may have mistyped), or a server that does not answer."""
+    import os
+
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
+
+    from search.study import redact_url, sqlite_path
+
+    shown = redact_url(url)
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        fail(f"--storage {shown!r} is not a database URL (sqlite:///PATH or "
+             "postgresql+psycopg://USER@HOST:PORT/DB)")
+    if parsed.drivername in ("postgres", "postgres+psycopg"):
+        fail(f"--storage {shown}: the dialect is 'postgresql', not 'postgres' (e.g. "
+             "postgresql+psycopg://USER@HOST:PORT/DB)")
+    try:
+        parsed.get_dialect()
+    except NoSuchModuleError:
+        fail(f"--storage {shown}: unknown database dialect {parsed.drivername!r} (sqlite or "
+             "postgresql+psycopg)")
+    path = sqlite_path(url)
+    if path is not None:
+        if must_exist and not os.path.isfile(path):
+            fail(f"no search database at {path} (run fitnas search first, or give --storage)")
+        folder = os.path.dirname(os.path.abspath(path))
+        if not make_folder and not os.path.isdir(folder):
+            fail(f"--storage {shown}: the folder {folder} does not exist")
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as exc:
+            fail(f"--storage {shown}: cannot create the folder {folder} "
+                 f"({exc.strerror or exc})")
+        if not os.access(folder, os.W_OK):
+            fail(f"--storage {shown}: the folder {folder} is not writable")
+        return
+    try:
+        engine = create_engine(url, connect_args={"connect_timeout": 10},
+                               pool_pre_ping=False)
+        with engine.connect() as con:
+            con.execute(text("SELECT 1"))
+        engine.dispose()
+    except (SQLAlchemyError, ImportError) as exc:
+        orig = getattr(exc, "orig", None) or exc
+        first = str(orig).strip().splitlines()[0] if str(orig).strip() else type(exc).__name__
+        fail(f"cannot connect to the storage {shown}: {first}")
+
+
 def print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")

@@ -10,7 +10,7 @@ from typing import Any
 
 import typer
 
-from service.cli.common import fail, load_spec_or_fail, print_json
+from service.cli.common import fail, load_spec_or_fail, print_json, spec_text_or_fail
 
 DEFAULT_REFERENCE = "preset:mobilenet_v2@0.5"
 
@@ -113,7 +113,7 @@ def measure(
     spec = load_spec_or_fail(spec_arg)
     ref = None if reference.strip().lower() in ("none", "") else reference.strip()
     if ref is not None:
-        load_spec_or_fail(ref)
+        ref = spec_text_or_fail(ref)
     try:
         settings = MeasureSettings(
             device=device, runtime=runtime, batch=batch, resolution=resolution, dtype=dtype,

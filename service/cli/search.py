@@ -91,7 +91,7 @@ def search(
     from search.local import SearchInterrupted, run_search
     from search.space import DesignSpace, SpaceError
     from search.study import Budgets, SearchConfig, SearchError
-    from service.cli.common import load_spec_or_fail
+    from service.cli.common import check_storage_or_fail, load_spec_or_fail, spec_text_or_fail
 
     if (max_latency_ms is None) == (max_latency_ratio is None):
         fail("give exactly one latency budget: --max-latency-ms X or --max-latency-ratio R")
@@ -103,7 +103,7 @@ def search(
             fail("--max-latency-ratio needs a --reference network")
         ref = None
     else:
-        load_spec_or_fail(ref)
+        ref = spec_text_or_fail(ref)
     try:
         space_obj = DesignSpace.load(space)
     except SpaceError as exc:
@@ -139,6 +139,8 @@ def search(
     except ValueError as exc:
         fail(str(exc).splitlines()[0])
     storage_url = storage or _default_storage(out)
+    check_storage_or_fail(storage_url, make_folder=storage is None)
+    _check_device_or_fail(device)
     study_name = study or config.default_study_name()
     from rich.console import Console
 
@@ -158,6 +160,22 @@ def search(
         print_json(result.to_json())
         return
     _print_summary(result)
+
+
+def _check_device_or_fail(device: str) -> None:
+    """A CUDA device that this machine does not have is an error before the first trial,
+    not a search whose every trial fails."""
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        fail(f"--device {device}: no CUDA GPU is usable here (torch {torch.__version__}); "
+             "use --device cpu or run on a machine with a GPU")
+    index = int(device.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        fail(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA "
+             "device(s)")
 
 
 def _print_summary(result) -> None:
@@ -208,12 +226,15 @@ def dashboard(
     """Open optuna-dashboard on a search storage (every trial, its constraints and cost
     figures as user attributes). It has no authentication: keep it on localhost or behind
     a proxy."""
-    from search.study import SearchError, make_storage, sqlite_path
+    from search.study import SearchError, make_storage
+    from service.cli.common import check_storage_or_fail
 
     url = storage or _default_storage(DEFAULT_OUT)
-    path = sqlite_path(url)
-    if path is not None and not Path(path).is_file():
-        fail(f"no search database at {path} (run fitnas search first, or give --storage)")
+    check_storage_or_fail(url, must_exist=True)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        typer.echo(f"warning: optuna-dashboard has no authentication; on {host} anyone who "
+                   "can reach this port can read and change the studies (keep it on "
+                   "127.0.0.1, or behind a proxy that authenticates)", err=True)
     try:
         rdb = make_storage(url)
     except SearchError as exc:

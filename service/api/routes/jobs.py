@@ -20,8 +20,17 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service import jobs
-from service.api.deps import CurrentUser, DatabaseDep, SettingsDep, User, WakeScheduler
+from service.api.deps import (
+    AUTH_RESPONSES,
+    BODY_RESPONSES,
+    CurrentUser,
+    DatabaseDep,
+    SettingsDep,
+    User,
+    WakeScheduler,
+)
 from service.api.schemas import (
+    MAX_OFFSET,
     ExportFormat,
     JobCreate,
     JobOut,
@@ -38,7 +47,7 @@ from service.studies import load_study, trial_view
 
 log = logging.getLogger("fitnas.api")
 
-router = APIRouter(prefix="/v1", tags=["jobs"])
+router = APIRouter(prefix="/v1", tags=["jobs"], responses=AUTH_RESPONSES)
 
 MEDIA_TYPES = {
     "json": "application/json",
@@ -77,6 +86,13 @@ def build_config(body: JobCreate):
             space = DesignSpace.load(space)
         except SpaceError as exc:  # pragma: no cover - built-ins are tested
             raise _unprocessable(str(exc)) from exc
+    if body.measure.reference is not None:
+        from blocks.load import SpecLoadError, parse_spec
+
+        try:
+            parse_spec(body.measure.reference)  # text only: the API never opens a path
+        except SpecLoadError as exc:
+            raise _unprocessable(f"measure.reference: {exc}") from exc
     quality = body.quality
     if body.signal is not None:
         quality = quality.model_copy(update={"signal": body.signal})
@@ -136,7 +152,9 @@ def _own_job(db: Database, user: User, job_id: str) -> Job:
     responses={
         200: {"description": "Replay: a job with this Idempotency-Key exists; it is returned"},
         409: {"description": "The Idempotency-Key was used with a different request"},
-        422: {"description": "Invalid job (unknown target, bad space, limits)"},
+        413: BODY_RESPONSES[413],
+        422: {"description": "Invalid job (unknown target, bad space, limits): the field "
+              "and the reason"},
     },
 )
 def create_job(
@@ -230,7 +248,7 @@ def list_jobs(
     db: DatabaseDep,
     settings: SettingsDep,
     status_: Annotated[JobStatus | None, Query(alias="status")] = None,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ):
     limit = min(limit, settings.max_page_size)
@@ -293,7 +311,7 @@ def list_trials(
     user: CurrentUser,
     db: DatabaseDep,
     settings: SettingsDep,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     state: Annotated[
         str | None, Query(description="COMPLETE, PRUNED, FAIL or RUNNING")
@@ -413,7 +431,7 @@ def export_job(
     db: DatabaseDep,
     settings: SettingsDep,
     format: Annotated[ExportFormat, Query(description="json, pytorch, torchscript, onnx")] = "json",
-    trial: Annotated[int | None, Query(ge=0)] = None,
+    trial: Annotated[int | None, Query(ge=0, le=MAX_OFFSET)] = None,
 ):
     from blocks.export import ExportError
 

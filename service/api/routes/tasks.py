@@ -16,6 +16,8 @@ from starlette.concurrency import run_in_threadpool
 
 from service import leases
 from service.api.deps import (
+    AUTH_RESPONSES,
+    BODY_RESPONSES,
     CurrentWorker,
     DatabaseDep,
     MetricsDep,
@@ -39,7 +41,8 @@ from service.protocol import (
 )
 from service.states import TaskState
 
-router = APIRouter(prefix="/v1/tasks", tags=["tasks (workers)"])
+router = APIRouter(prefix="/v1/tasks", tags=["tasks (workers)"],
+                   responses={**AUTH_RESPONSES, **BODY_RESPONSES})
 
 _ERRORS = {
     409: {"description": "Stale lease token: the lease expired and was re-queued, went to "

@@ -10,6 +10,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from service.api.deps import (
+    AUTH_RESPONSES,
     CurrentUser,
     CurrentWorker,
     DatabaseDep,
@@ -17,14 +18,14 @@ from service.api.deps import (
     WorkerPrincipal,
     check_target,
 )
-from service.api.schemas import TargetCreate, TargetOut, WorkerPage
+from service.api.schemas import MAX_OFFSET, TargetCreate, TargetOut, WorkerPage
 from service.db import new_id, utcnow
 from service.leases import live_workers
 from service.models import Target, Task, Worker
 from service.protocol import Status, WorkerRegister, WorkerRegistered
 from service.states import IN_FLIGHT, TaskState
 
-router = APIRouter(prefix="/v1", tags=["targets and workers"])
+router = APIRouter(prefix="/v1", tags=["targets and workers"], responses=AUTH_RESPONSES)
 
 
 def _target_views(s: Session, names: list[str] | None, worker_timeout_s: float) -> list[dict]:
@@ -148,7 +149,7 @@ def list_workers(
     live: Annotated[
         bool | None, Query(description="only live (true) or only silent (false)")
     ] = None,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ):
     since = utcnow() - timedelta(seconds=settings.worker_timeout_s)

@@ -1,0 +1,111 @@
+"""The command line as a new user meets it: each mistake is one ``error:`` line and a
+non-zero exit before any work starts, never a traceback."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+from typer.testing import CliRunner
+
+from service.cli import app
+
+runner = CliRunner()
+SEARCH = ["search", "--trials", "1", "--max-latency-ms", "5", "--presets", "none"]
+
+
+def _error_line(result) -> str:
+    assert result.exit_code != 0, result.output
+    assert "Traceback" not in result.output
+    lines = [ln for ln in result.output.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize(("storage", "says"), [
+    ("sqlite:////nonexistent-fitnas-dir/sub/x.db", "does not exist"),
+    ("postgres://postgres@127.0.0.1:5432/test", "'postgresql', not 'postgres'"),
+    ("mysql+nodriver://u@h/db", "dialect"),
+    ("not a url", "is not a database URL"),
+])
+def test_search_storage_mistakes(tmp_path, storage, says):
+    line = _error_line(runner.invoke(app, [*SEARCH, "--storage", storage,
+                                           "--out", str(tmp_path)]))
+    assert says in line
+    assert not os.path.exists("/nonexistent-fitnas-dir")
+
+
+def test_search_storage_server_not_listening(tmp_path):
+    url = f"postgresql+psycopg://postgres@127.0.0.1:{_closed_port()}/test"
+    line = _error_line(runner.invoke(app, [*SEARCH, "--storage", url,
+                                           "--out", str(tmp_path)]))
+    assert line.startswith("error: cannot connect to the storage") and "refused" in line
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+def test_search_on_a_missing_gpu_fails_before_the_first_trial(tmp_path):
+    line = _error_line(runner.invoke(app, [*SEARCH, "--device", "cuda",
+                                           "--out", str(tmp_path)]))
+    assert "no CUDA GPU" in line
+    assert not (tmp_path / "fitnas.db").exists()
+
+
+def test_dashboard_warns_when_bound_beyond_localhost(tmp_path, monkeypatch):
+    import optuna_dashboard
+
+    db = tmp_path / "fitnas.db"
+    import optuna
+
+    optuna.create_study(storage=f"sqlite:///{db}", study_name="s")
+    served = {}
+    monkeypatch.setattr(optuna_dashboard, "run_server",
+                        lambda storage, host, port: served.update(host=host, port=port))
+    result = runner.invoke(app, ["dashboard", "--storage", f"sqlite:///{db}",
+                                 "--host", "0.0.0.0"])
+    assert result.exit_code == 0, result.output
+    assert "warning: optuna-dashboard has no authentication" in result.output
+    assert served == {"host": "0.0.0.0", "port": 8080}
+    quiet = runner.invoke(app, ["dashboard", "--storage", f"sqlite:///{db}"])
+    assert "warning" not in quiet.output
+
+
+def test_dashboard_on_a_missing_database(tmp_path):
+    line = _error_line(runner.invoke(app, ["dashboard", "--storage",
+                                           f"sqlite:///{tmp_path}/none.db"]))
+    assert "no search database" in line
+
+
+@pytest.mark.parametrize(("name", "magic"), [("x.onnx", b"\x08"), ("x.py", b'"""'),
+                                             ("x.json", b"{"), ("x.pt", b"PK")])
+def test_export_format_from_the_extension(tmp_path, name, magic):
+    out = tmp_path / name
+    result = runner.invoke(app, ["arch", "export", "preset:mobilenet_v2@0.35", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes().startswith(magic)
+
+
+def test_export_unknown_extension_needs_a_format(tmp_path):
+    line = _error_line(runner.invoke(app, ["arch", "export", "preset:mobilenet_v2@0.35",
+                                           "-o", str(tmp_path / "x.bin")]))
+    assert "--format" in line
+
+
+def test_reference_file_is_read_on_the_command_line(tmp_path):
+    """A person may name a JSON file as the reference; it is read here and sent on as
+    inline JSON, because no setting that travels to a worker is ever a path."""
+    from blocks import preset
+    from service.cli.common import spec_text_or_fail
+
+    f = tmp_path / "ref.json"
+    f.write_text(preset("mobilenet_v2", 0.35).model_dump_json())
+    text = spec_text_or_fail(str(f))
+    assert text.startswith("{") and str(tmp_path) not in text
+    assert spec_text_or_fail("preset:mobilenet_v2@0.5") == "preset:mobilenet_v2@0.5"
