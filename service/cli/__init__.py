@@ -8,7 +8,7 @@ import sys
 
 import typer
 
-from service.cli import arch, evaluate, predictor, quality, search, server, worker
+from service.cli import arch, evaluate, predictor, quality, search, server, trials, worker
 from service.cli.common import CLIError
 
 app = typer.Typer(
@@ -19,7 +19,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for module in (arch, evaluate, quality, search, server, worker, predictor):
+for module in (arch, evaluate, quality, search, server, worker, predictor, trials):
     module.register(app)
 
 
