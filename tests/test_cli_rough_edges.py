@@ -109,3 +109,31 @@ def test_reference_file_is_read_on_the_command_line(tmp_path):
     text = spec_text_or_fail(str(f))
     assert text.startswith("{") and str(tmp_path) not in text
     assert spec_text_or_fail("preset:mobilenet_v2@0.5") == "preset:mobilenet_v2@0.5"
+
+
+def test_search_takes_its_options_from_a_config_file(tmp_path, monkeypatch):
+    import search.local
+
+    seen = {}
+
+    def fake_run(config, storage, study, out, **kw):
+        seen.update(config=config, storage=storage, out=out)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(search.local, "run_search", fake_run)
+    cfg = tmp_path / "search.yaml"
+    cfg.write_text("space: default\ntrials: 2\nmax-latency-ratio: 0.9\nsignal: none\n"
+                   "threads: 1\npresets: none\nseed-spec: ['preset:mobilenet_v2@0.35']\n")
+    result = runner.invoke(app, ["search", "--config", str(cfg), "--trials", "3",
+                                 "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    config = seen["config"]
+    assert config.trials == 3  # the flag overrides the file
+    assert config.budgets.max_latency_ratio == 0.9
+    assert config.quality.signal == "none" and config.measure.threads == 1
+    assert len(config.seed_specs) == 1
+    cfg.write_text("max_latency_ration: 1.0\n")
+    line = _error_line(runner.invoke(app, ["search", "--config", str(cfg)]))
+    assert "unknown option 'max_latency_ration'" in line and "max-latency-ratio" in line
+    line = _error_line(runner.invoke(app, ["search", "--config", str(tmp_path / "no.yaml")]))
+    assert "No such file" in line

@@ -94,5 +94,48 @@ def check_storage_or_fail(url: str, *, must_exist: bool = False,
         fail(f"cannot connect to the storage {shown}: {first}")
 
 
+def load_config_defaults(ctx: typer.Context, _param: Any, value: str | None) -> str | None:
+    """``--config FILE.yaml``: every option of the command from a YAML (or JSON) mapping,
+    keyed by the option's name (``max-latency-ratio`` or ``max_latency_ratio``). Options
+    given on the command line override the file. An unknown key, a file that does not
+    parse, or a value of the wrong type is one error line."""
+    if not value:
+        return value
+    from pathlib import Path
+
+    import yaml
+
+    path = Path(value)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        fail(f"--config {value}: {exc.strerror or exc}")
+    except yaml.YAMLError as exc:
+        fail(f"--config {value}: not YAML ({str(exc).splitlines()[0]})")
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        fail(f"--config {value}: expected a mapping of option names to values")
+    params = {p.name: p for p in ctx.command.params if p.name and p.name != _param.name}
+    by_key: dict[str, str] = {}  # option flag (max-latency-ratio) or name -> param name
+    for name, p in params.items():
+        by_key[name] = name
+        for opt in getattr(p, "opts", ()):
+            if opt.startswith("--"):
+                by_key[opt[2:].replace("-", "_")] = name
+    defaults: dict[str, Any] = {}
+    for key, item in data.items():
+        name = by_key.get(str(key).replace("-", "_"))
+        if name is None:
+            known = ", ".join(sorted(opt[2:] for p in params.values()
+                                     for opt in getattr(p, "opts", ()) if opt.startswith("--")))
+            fail(f"--config {value}: unknown option {key!r}; known: {known}")
+        if isinstance(item, list) and not params[name].multiple:
+            item = ",".join(str(x) for x in item)
+        defaults[name] = item
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return value
+
+
 def print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")

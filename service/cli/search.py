@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from service.cli.common import fail, print_json
+from service.cli.common import fail, load_config_defaults, print_json
 
 DEFAULT_OUT = "fitnas-out"
 DEFAULT_REFERENCE = "preset:mobilenet_v2@0.5"
@@ -26,6 +26,9 @@ def _first_error(exc) -> str:
 
 
 def search(
+    config_file: str | None = typer.Option(
+        None, "--config", help="YAML file with any of these options (flags override it)",
+        is_eager=True, callback=load_config_defaults),
     space: str = typer.Option("default", "--space",
                               help="a built-in space (default, mobilenet_v2) or a YAML/JSON "
                                    "file"),
