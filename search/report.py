@@ -66,9 +66,17 @@ def measurement_flags(row_or_attrs: dict[str, Any]) -> str:
     return ",".join(flags)
 
 
-def pareto_table(rows: list[dict[str, Any]], winner: int | None = None, title: str = ""):
+# Columns left out, in this order, when the terminal is narrower than the full table.
+_OPTIONAL_COLUMNS = ("architecture", "p90 ms", "MACs", "act. mem")
+_FULL_WIDTH = 150
+
+
+def pareto_table(rows: list[dict[str, Any]], winner: int | None = None, title: str = "",
+                 width: int | None = None):
     """A rich table of Pareto members, sorted by the latency objective (marked with an
-    arrow in the header); the ``note`` column flags contended or too-wide measurements."""
+    arrow in the header); the ``note`` column flags contended or too-wide measurements.
+    Given the terminal's ``width``, it leaves out the columns a narrow terminal cannot
+    hold instead of wrapping cells mid-number."""
     from rich.table import Table
 
     objective = rows[0].get("latency_objective", "latency_ms") if rows else "latency_ms"
@@ -79,7 +87,7 @@ def pareto_table(rows: list[dict[str, Any]], winner: int | None = None, title: s
                          (ms_head, "right"), ("p90 ms", "right"), ("params", "right"),
                          ("MACs", "right"), ("act. mem", "right"), ("note", "left"),
                          ("architecture", "left")):
-        table.add_column(col, justify=justify)
+        table.add_column(col, justify=justify, no_wrap=col != "architecture")
     for r in rows:
         mark = " *" if r["number"] == winner else ""
         mem = r.get("activation_bytes")
@@ -90,7 +98,24 @@ def pareto_table(rows: list[dict[str, Any]], winner: int | None = None, title: s
             f"{mem / 2**20:.2f} MiB" if isinstance(mem, int | float) else "-",
             measurement_flags(r) or "", str(r.get("summary", "")),
         )
+    if width is not None:
+        _fit(table, width)
     return table
+
+
+def _fit(table, width: int) -> None:
+    """Drop optional columns until the table's natural width fits ``width``."""
+    from rich.console import Console
+
+    def natural() -> int:
+        return Console(width=10_000).measure(table).maximum
+
+    for name in _OPTIONAL_COLUMNS:
+        if natural() <= width:
+            return
+        index = next((i for i, c in enumerate(table.columns) if c.header == name), None)
+        if index is not None:
+            table.columns.pop(index)
 
 
 def plot_pareto(driver: SearchDriver, path: Path, references: list[dict[str, Any]],

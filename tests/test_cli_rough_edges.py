@@ -137,3 +137,65 @@ def test_search_takes_its_options_from_a_config_file(tmp_path, monkeypatch):
     assert "unknown option 'max_latency_ration'" in line and "max-latency-ratio" in line
     line = _error_line(runner.invoke(app, ["search", "--config", str(tmp_path / "no.yaml")]))
     assert "No such file" in line
+
+
+def test_an_impossible_cost_budget_is_refused_before_the_first_trial(tmp_path):
+    line = _error_line(runner.invoke(app, [*SEARCH, "--max-params", "10",
+                                           "--out", str(tmp_path)]))
+    assert "--max-params 10" in line and "the smallest has" in line
+    assert not (tmp_path / "fitnas.db").exists()
+
+
+def test_unreachable_budgets_never_refuses_a_reachable_one():
+    """Any network the space can produce sets budgets that are never refused."""
+    import optuna
+
+    from blocks.cost import estimate_cost
+    from search.feasibility import unreachable_budgets
+    from search.space import DesignSpace
+
+    space = DesignSpace.load("default")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
+    for _ in range(8):
+        cost = estimate_cost(space.sample(study.ask()))
+        limits = {"params": cost.params, "macs": cost.macs,
+                  "activation_bytes": cost.activation_bytes}
+        assert unreachable_budgets(space, limits) is None
+    assert "--max-macs 1,000" in unreachable_budgets(space, {"macs": 1000})
+
+
+ROWS = [{"number": i, "quality": 40.0 + i, "latency_ratio": 0.5 + i / 10,
+         "latency_ms": 10.0 + i, "latency_p90_ms": 11.0 + i, "params": 1_234_567 * (i + 1),
+         "macs": 98_765_432, "activation_bytes": 2**20, "contended": i % 2,
+         "summary": "r224 stem32 " + " ".join(f"mbconvx{k}:{16 * k}" for k in range(1, 8)),
+         "latency_objective": "latency_ratio"} for i in range(4)]
+
+
+@pytest.mark.parametrize("width", [80, 100, 200])
+def test_pareto_table_fits_the_terminal(width):
+    from rich.console import Console
+
+    from search.report import pareto_table
+
+    console = Console(width=width, record=True)
+    console.print(pareto_table(ROWS, 2, width=width))
+    lines = console.export_text().splitlines()
+    assert max(len(ln.rstrip()) for ln in lines) <= width
+    # one line per member: nothing wrapped mid-cell
+    assert sum(1 for ln in lines if ln.startswith("│")) == len(ROWS)
+    assert ("architecture" in console.export_text()) == (width >= 200)
+
+
+def test_summary_says_when_a_reference_beats_the_winner():
+    from service.cli.search import reference_notes
+
+    r = {"budgets": {"max_latency_ratio": 1.0},
+         "references": [{"name": "mobilenet_v2@0.5", "ok": True, "latency_ratio": 0.99,
+                         "quality": 53.5},
+                        {"name": "mnasnet@0.5", "ok": True, "latency_ratio": 1.2,
+                         "quality": 90.0}]}
+    [note] = reference_notes(r, {"quality": 41.7})
+    assert "mobilenet_v2@0.5" in note and "higher quality (53.5)" in note
+    assert reference_notes(r, {"quality": 60.0}) == []
+    [none] = reference_notes(r, None)
+    assert "no searched network did" in none

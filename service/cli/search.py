@@ -141,6 +141,13 @@ def search(
         fail(f"bad option {_first_error(exc)}")
     except ValueError as exc:
         fail(str(exc).splitlines()[0])
+    from search.feasibility import unreachable_budgets
+
+    impossible = unreachable_budgets(
+        config.space, config.budgets.cost_limits(), resolution=config.measure.resolution,
+        batch=config.measure.batch, dtype=config.measure.dtype, seed=config.seed or 0)
+    if impossible:
+        fail(impossible)
     storage_url = storage or _default_storage(out)
     check_storage_or_fail(storage_url, make_folder=storage is None)
     _check_device_or_fail(device)
@@ -186,11 +193,13 @@ def _print_summary(result) -> None:
 
     from search.report import pareto_table
 
-    console = Console(width=max(120, Console().width))
+    # Fit a terminal; output to a file or a pipe gets the whole table.
+    console = Console() if Console().is_terminal else Console(width=160)
     r = result.result
     c = r["counts"]
     winner = r["winner"]
-    console.print(pareto_table(r["pareto"], winner["number"] if winner else None))
+    console.print(pareto_table(r["pareto"], winner["number"] if winner else None,
+                               width=console.width))
     console.print(
         f"{c['trials']} trials: {c['measured']} measured, {c['cached']} from the cache, "
         f"{c['over_budget']} over a params/MACs/memory budget (not measured), "
@@ -205,6 +214,10 @@ def _print_summary(result) -> None:
     if winner is None:
         console.print("no feasible architecture found: loosen the budgets or run more trials",
                       highlight=False)
+        for line in reference_notes(r, None):
+            console.print(line, highlight=False)
+        console.print(f"plot: {result.plot}\nresult: {result.result_json}", highlight=False)
+        raise typer.Exit(1)
     else:
         ratio = winner.get("latency_ratio")
         rtxt = f" ({ratio:.3f}x ref)" if isinstance(ratio, int | float) else ""
@@ -216,7 +229,45 @@ def _print_summary(result) -> None:
             console.print(f"  {fmt:<12} {path}", highlight=False)
         for fmt, msg in result.export_errors.items():
             console.print(f"  {fmt:<12} export failed: {msg}", highlight=False)
+        for line in reference_notes(r, winner):
+            console.print(line, highlight=False)
     console.print(f"plot: {result.plot}\nresult: {result.result_json}", highlight=False)
+
+
+def _meets(ref: dict, budgets: dict) -> bool:
+    checks = {"max_latency_ms": "latency_ms", "max_latency_ratio": "latency_ratio",
+              "max_params": "params", "max_macs": "macs"}
+    for budget, key in checks.items():
+        limit = budgets.get(budget)
+        if limit is None:
+            continue
+        value = ref.get(key)
+        if not isinstance(value, int | float) or value > limit:
+            return False
+    return not budgets.get("max_activation_bytes")  # not measured for references
+
+
+def reference_notes(r: dict, winner: dict | None) -> list[str]:
+    """Plain lines for each reference network that meets the budgets and has a better
+    quality than the winner (or than nothing, when nothing was feasible)."""
+    out = []
+    budgets = r.get("budgets") or {}
+    best = winner.get("quality") if winner else None
+    for ref in r.get("references") or []:
+        if not ref.get("ok") or not _meets(ref, budgets):
+            continue
+        q = ref.get("quality")
+        if not isinstance(q, int | float):
+            continue
+        if best is None:
+            out.append(f"note: the reference {ref['name']} meets the budgets (quality "
+                       f"{q:.4g}); no searched network did")
+        elif q > best:
+            out.append(f"note: the reference {ref['name']} meets the budgets with a higher "
+                       f"quality ({q:.4g}) than the recommended network ({best:.4g}): the "
+                       "search did not beat it; run more trials or seed it with "
+                       f"--seed-spec preset:{ref['name']}")
+    return out
 
 
 def dashboard(

@@ -97,7 +97,7 @@ def build_config(body: JobCreate):
     if body.signal is not None:
         quality = quality.model_copy(update={"signal": body.signal})
     try:
-        return SearchConfig(
+        config = SearchConfig(
             space=space,
             target=body.target,
             budgets=body.budgets,
@@ -112,6 +112,15 @@ def build_config(body: JobCreate):
         )
     except ValidationError as exc:
         raise _unprocessable(_first_error(exc)) from exc
+    from search.feasibility import API_NAMES, unreachable_budgets
+
+    impossible = unreachable_budgets(
+        config.space, config.budgets.cost_limits(), resolution=config.measure.resolution,
+        batch=config.measure.batch, dtype=config.measure.dtype, seed=config.seed or 0,
+        names=API_NAMES)
+    if impossible:
+        raise _unprocessable(impossible)
+    return config
 
 
 def job_out(job: Job, *, with_config: bool = False) -> dict[str, Any]:
