@@ -456,6 +456,33 @@ def write_trial_attrs(study: optuna.Study, trial: optuna.trial.Trial,
             trial.set_constraint(name, value)
 
 
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    if isinstance(value, list) and any(isinstance(v, dict | list) for v in value):
+        out = {}
+        for i, v in enumerate(value):
+            out.update(_flatten(v, f"{prefix}.{i}"))
+        return out
+    return {prefix: value}
+
+
+def config_differences(stored: Any, config: SearchConfig, limit: int = 3) -> str:
+    """Which options differ between a study's stored configuration and ``config``, as
+    ``measure.threads: 1 -> 2``; empty when the stored one cannot be read."""
+    if not isinstance(stored, dict):
+        return ""
+    old = {k: v for k, v in stored.items() if k not in ("trials", "timeout_s", "memory_mb")}
+    a, b = _flatten(old), _flatten(config.identity())
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    shown = [f"{k}: {json.dumps(a.get(k))} -> {json.dumps(b.get(k))}" for k in keys[:limit]]
+    more = f", and {len(keys) - limit} more" if len(keys) > limit else ""
+    return "; ".join(shown) + more
+
+
 def make_sampler(config: SearchConfig, offset: int = 0) -> optuna.samplers.BaseSampler:
     """The configured sampler. A seeded sampler is seeded with ``seed + offset`` (offset =
     trials already in the study) so that a resumed search does not replay the random
@@ -575,9 +602,11 @@ class SearchDriver:
             if [d.name.lower() for d in study.directions] != DIRECTIONS:
                 raise SearchError(f"study {study_name!r} exists with other objectives")
             if attrs[CONFIG_HASH_ATTR] != config.config_hash():
+                diff = config_differences(attrs.get(CONFIG_ATTR), config)
                 raise SearchError(
-                    f"study {study_name!r} exists with a different configuration; "
-                    "give another --study name (or the same options as before)")
+                    f"study {study_name!r} exists with a different configuration"
+                    f"{' (' + diff + ')' if diff else ''}; give another --study name (or "
+                    "the same options as before)")
             if attrs.get(MODE_ATTR, mode) != mode:
                 raise SearchError(
                     f"study {study_name!r} belongs to a {attrs.get(MODE_ATTR)} search, "

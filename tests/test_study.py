@@ -93,8 +93,11 @@ def test_open_sets_directions_metric_names_and_config(url):
     # same config again (other trial count): loads; other config: refused, one line
     again = open_driver(url, tiny_config(budgets=Budgets(max_latency_ms=5.0), trials=99))
     assert again.study._study_id == driver.study._study_id
-    with pytest.raises(SearchError, match="different configuration"):
+    with pytest.raises(SearchError, match="different configuration") as refused:
         open_driver(url, tiny_config(budgets=Budgets(max_latency_ms=6.0)))
+    # ... saying which option differs
+    assert "(budgets.max_latency_ms: 5.0 -> 6.0)" in str(refused.value)
+    assert "\n" not in str(refused.value)
 
 
 def test_measured_trials_get_constraints_and_numeric_user_attrs(url):
