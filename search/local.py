@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -114,6 +116,22 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def exit_on_next_interrupt() -> tuple[Any, Any] | None:
+    """From now on a Ctrl-C (or SIGTERM) ends the process at once with 130, instead of a
+    traceback from some library's exit handler: for the time a first interrupt is being
+    handled (the running trial told, the cache closed) and the command is exiting. A
+    trial left RUNNING is marked interrupted on resume. Returns the previous handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def now(signum, frame):
+        sys.stderr.write("interrupted again: exiting now (resume with the same command)\n")
+        sys.stderr.flush()
+        os._exit(130)
+
+    return signal.signal(signal.SIGINT, now), signal.signal(signal.SIGTERM, now)
 
 
 class _Progress:
@@ -323,6 +341,7 @@ def _run_search(config: SearchConfig, storage: str, study_name: str, out: Path,
                     bar.update(driver.n_finished(), _best_text(driver))
                 references = measure_references(config, presets, evaluate, cache, bar.log)
         except KeyboardInterrupt:
+            previous = exit_on_next_interrupt()
             mine = [t.number for t in driver.trials(TrialState.RUNNING)
                     if t.user_attrs.get("owner") == driver.owner]
             with contextlib.suppress(Exception):
@@ -330,6 +349,9 @@ def _run_search(config: SearchConfig, storage: str, study_name: str, out: Path,
                                   message="interrupted (Ctrl-C / SIGTERM)")
             with contextlib.suppress(Exception):
                 cache.close()
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous[0])
+                signal.signal(signal.SIGTERM, previous[1])
             raise SearchInterrupted(study_name, driver.n_finished(), config.trials) from None
 
     result = report.build_result(driver, storage, references,

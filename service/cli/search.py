@@ -91,7 +91,7 @@ def search(
     from pydantic import ValidationError
 
     from search.evaluators.types import MeasureSettings, QualitySettings
-    from search.local import SearchInterrupted, run_search
+    from search.local import SearchInterrupted, exit_on_next_interrupt, run_search
     from search.space import DesignSpace, SpaceError
     from search.study import Budgets, SearchConfig, SearchError
     from service.cli.common import check_storage_or_fail, load_spec_or_fail, spec_text_or_fail
@@ -162,6 +162,7 @@ def search(
         result = run_search(config, storage_url, study_name, out, progress=True,
                             presets=preset_list, console=err)
     except SearchInterrupted as exc:
+        exit_on_next_interrupt()
         typer.echo(str(exc), err=True)
         raise typer.Exit(130) from None
     except (SearchError, SpaceError) as exc:
@@ -202,6 +203,7 @@ def _print_summary(result) -> None:
                                width=console.width))
     console.print(
         f"{c['trials']} trials: {c['measured']} measured, {c['cached']} from the cache, "
+        f"{c.get('interrupted', 0)} interrupted (done again on resume), "
         f"{c['over_budget']} over a params/MACs/memory budget (not measured), "
         f"{c.get('predicted_over_budget', 0)} predicted over the latency budget (not "
         f"measured), {c['failed']} failed; {c['feasible']} feasible; median "
