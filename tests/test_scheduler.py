@@ -194,10 +194,31 @@ def test_cache_keys_separate_targets_and_settings(app):
     cache.put(key_b, EvalOutcome.model_validate(
         {"ok": False, "failure": {"reason": "timeout", "message": "slow"}}))
     assert cache.get(key_b) is None
-    cache.put(key_b, EvalOutcome.model_validate(
-        {"ok": False, "failure": {"reason": "unsupported", "message": "no"}}))
-    assert cache.get(key_b).failure.reason == "unsupported"
-    assert cache.hits == 3 and cache.misses == 2
+    assert cache.hits == 2 and cache.misses == 2
+
+
+def test_both_measurement_caches_follow_one_policy(app, tmp_path):
+    """fitnas search's cache and the service's keep the same outcomes: successes only,
+    the first one stored for a key."""
+    from search.evaluators.types import EvalOutcome, MeasureSettings
+    from search.study import SQLMeasurementCache
+    from service.cache import DBMeasurementCache
+
+    first = EvalOutcome.model_validate({"ok": True, "seconds": 1.0})
+    later = EvalOutcome.model_validate({"ok": True, "seconds": 9.0})
+    for reason in ("unsupported", "timeout"):
+        failed = EvalOutcome.model_validate(
+            {"ok": False, "failure": {"reason": reason, "message": "no"}})
+        caches = (DBMeasurementCache(app.state.db, target="agree"),
+                  SQLMeasurementCache(f"sqlite:///{tmp_path}/local-{reason}.db"))
+        for i, cache in enumerate(caches):
+            key = MeasureSettings().key(f"agree-{reason}-{i}-{tmp_path.name}", "agree")
+            cache.put(key, first)
+            cache.put(key, later)
+            assert cache.get(key).seconds == 1.0
+            other = MeasureSettings().key(f"fails-{reason}-{i}-{tmp_path.name}", "agree")
+            cache.put(other, failed)
+            assert cache.get(other) is None
 
 
 def test_parallelism_is_bounded_by_live_workers(client, app, settings, user_key,
