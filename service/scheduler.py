@@ -41,7 +41,7 @@ from search.evaluators.types import EvalOutcome, Failure
 from service import jobs, leases
 from service.api.metrics import NullMetrics
 from service.cache import DBMeasurementCache
-from service.db import Database, new_id, utcnow
+from service.db import Database, utcnow
 from service.leases import Reaped, live_workers, reap_expired
 from service.models import Job, Task
 from service.states import ACTIVE_JOB, FINISHED, IN_FLIGHT, JobStatus, TaskState
@@ -411,23 +411,15 @@ class Scheduler:
             tick.queued += 1
 
     def _enqueue(self, job: Job, proposal: Proposal) -> None:
-        task = proposal.task
-        row = Task(
-            id=new_id() + new_id(),
-            job_id=job.id,
-            trial_number=proposal.trial_number,
-            target=job.target,
-            runtime=task.measure.runtime if task.measure is not None else "eager",
-            task=task.model_dump(mode="json"),
-            cache_key=proposal.cache_key,
-            created_at=utcnow(),
-        )
+        now = utcnow()
 
         def op(s: Session) -> None:
             # only while the lock is ours and the job still runs: a job cancelled during
             # this tick gets no new task (the next tick finalizes it)
             self._renew(s, job.id, running=True)
-            leases.enqueue(s, row)
+            leases.enqueue(s, job_id=job.id, trial_number=proposal.trial_number,
+                           target=job.target, task=proposal.task,
+                           cache_key=proposal.cache_key, now=now)
 
         self.db.run(op)
 
