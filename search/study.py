@@ -282,14 +282,25 @@ class SearchConfig(_Model):
 
 @runtime_checkable
 class MeasurementCache(Protocol):
+    """Both caches (``SQLMeasurementCache`` here, ``service.cache.DBMeasurementCache`` for
+    the service) keep what :func:`cacheable` allows, and the first outcome stored for a
+    key wins: later puts for that key change nothing."""
+
     def get(self, key: str) -> EvalOutcome | None: ...
 
     def put(self, key: str, outcome: EvalOutcome) -> None: ...
 
 
+def cacheable(outcome: EvalOutcome) -> bool:
+    """The caching policy: successful measurements only. A failure (a timeout, running out
+    of memory, a crash) may be the machine's fault at that moment: measure it again."""
+    return outcome.ok
+
+
 class SQLMeasurementCache:
     """Successful outcomes by key in table ``fitnas_local_measurements`` of any SQLAlchemy
-    database (by default the study's own storage database)."""
+    database (by default the study's own storage database); the policy of
+    :class:`MeasurementCache`."""
 
     TABLE = "fitnas_local_measurements"
 
@@ -323,18 +334,15 @@ class SQLMeasurementCache:
             return None  # written by an incompatible version: measure again
 
     def put(self, key: str, outcome: EvalOutcome) -> None:
+        if not cacheable(outcome):
+            return
         sa = self._sa
         values = {"outcome": outcome.model_dump_json(), "created_at": time.time()}
-        with self.engine.begin() as conn:
-            updated = conn.execute(
-                sa.update(self.table).where(self.table.c.key == key).values(**values)
-            ).rowcount
-            if not updated:
-                try:
-                    with conn.begin_nested():
-                        conn.execute(sa.insert(self.table).values(key=key, **values))
-                except sa.exc.IntegrityError:
-                    pass  # another process stored the same key meanwhile: equal content
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(sa.insert(self.table).values(key=key, **values))
+        except sa.exc.IntegrityError:
+            pass  # stored before (by us or another process): the first outcome wins
 
     def close(self) -> None:
         self.engine.dispose()

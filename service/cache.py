@@ -4,10 +4,9 @@ Implements ``search.study.MeasurementCache``: ``get(key)`` / ``put(key, outcome)
 ``key = MeasureSettings.key(spec_hash, target)``, so a second job on the same target,
 runtime, input shape, batch and dtype reuses the first job's measurements.
 
-What is kept: successful outcomes, and failures that do not depend on the moment
-(``invalid_spec``, ``unsupported``, ``export_failed``). Timeouts, out-of-memory and crashes
-may be the machine's fault, so they are measured again next time. The first stored
-outcome for a key wins; later puts for the same key are ignored.
+What is kept is the policy both caches share (``search.study.MeasurementCache``):
+successful outcomes only (``search.study.cacheable``), and the first stored outcome for a
+key wins; later puts for the same key are ignored.
 """
 
 from __future__ import annotations
@@ -19,19 +18,11 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from search.evaluators.types import EvalOutcome
+from search.study import cacheable
 from service.db import Database, utcnow
 from service.models import Measurement
 
 log = logging.getLogger("fitnas.cache")
-
-DETERMINISTIC_FAILURES = frozenset({"invalid_spec", "unsupported", "export_failed"})
-
-
-def cacheable(outcome: EvalOutcome) -> bool:
-    if outcome.ok:
-        return True
-    return outcome.failure is not None and outcome.failure.reason in DETERMINISTIC_FAILURES
-
 
 class DBMeasurementCache:
     """A view of the shared cache for one job (``target`` and ``job_id`` label the rows

@@ -23,8 +23,8 @@ from typing import Any, get_args
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from search.evaluators.types import FailureReason
-from service.db import Database, utcnow
+from search.evaluators.types import EvalTask, FailureReason
+from service.db import Database, new_id, utcnow
 from service.models import Job, Task, Worker
 from service.states import JobStatus, TaskState, sources
 from service.tokens import hash_token
@@ -324,11 +324,23 @@ def cancel_job_tasks(s: Session, job_id: str, now: datetime | None = None) -> in
     ).rowcount
 
 
-def enqueue(s: Session, row: Task) -> None:
+def enqueue(s: Session, *, job_id: str, trial_number: int, target: str, task: EvalTask,
+            cache_key: str, now: datetime) -> Task:
     """Queue a trial's measurement task (the scheduler, while it holds the job's lock)."""
-    row.state = TaskState.QUEUED
-    row.attempts_used = 0
+    row = Task(
+        id=new_id() + new_id(),
+        job_id=job_id,
+        trial_number=trial_number,
+        target=target,
+        runtime=task.measure.runtime if task.measure is not None else "eager",
+        state=TaskState.QUEUED,
+        task=task.model_dump(mode="json"),
+        cache_key=cache_key,
+        attempts_used=0,
+        created_at=now,
+    )
     s.add(row)
+    return row
 
 
 def mark_told(s: Session, task_ids: list[str], now: datetime) -> None:

@@ -31,7 +31,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import or_, select, update
 from sqlalchemy.exc import DBAPIError
@@ -41,11 +41,18 @@ from search.evaluators.types import EvalOutcome, Failure
 from service import jobs, leases
 from service.api.metrics import NullMetrics
 from service.cache import DBMeasurementCache
-from service.db import Database, new_id, utcnow
+from service.db import Database, utcnow
 from service.leases import Reaped, live_workers, reap_expired
 from service.models import Job, Task
 from service.states import ACTIVE_JOB, FINISHED, IN_FLIGHT, JobStatus, TaskState
 from service.studies import get_storage, is_feasible, load_study, summarize
+
+if TYPE_CHECKING:  # for annotations only
+    from optuna.trial import FrozenTrial
+
+    from search.study import Proposal, SearchDriver
+    from service.api.metrics import Metrics
+    from service.settings import Settings
 
 log = logging.getLogger("fitnas.scheduler")
 
@@ -82,13 +89,14 @@ class TickReport:
 
 
 class Scheduler:
-    def __init__(self, db: Database, settings, metrics=None, owner: str | None = None) -> None:
+    def __init__(self, db: Database, settings: Settings,
+                 metrics: Metrics | NullMetrics | None = None, owner: str | None = None) -> None:
         self.db = db
         self.settings = settings
         self.metrics = metrics if metrics is not None else NullMetrics()
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.optuna_url = settings.optuna_url
-        self._drivers: dict[str, Any] = {}
+        self._drivers: dict[str, SearchDriver] = {}
         self._errors: dict[str, int] = {}
 
     # ---- the tick ---------------------------------------------------------------------
@@ -225,7 +233,7 @@ class Scheduler:
 
     # ---- driving one job ------------------------------------------------------------------
 
-    def _driver(self, job: Job):
+    def _driver(self, job: Job) -> SearchDriver:
         from search.study import SearchConfig, SearchDriver
 
         driver = self._drivers.get(job.id)
@@ -316,7 +324,7 @@ class Scheduler:
 
         return self.db.run(read, write=False)
 
-    def _tell_finished(self, job: Job, driver) -> int:
+    def _tell_finished(self, job: Job, driver: SearchDriver) -> int:
         def read(s: Session) -> list[Task]:
             return list(
                 s.execute(
@@ -350,7 +358,8 @@ class Scheduler:
         now = utcnow()
         self.db.run(lambda s: leases.mark_cancelled_told(s, job_id, now))
 
-    def _fill(self, job: Job, driver, tick: JobTick, trials: list) -> None:
+    def _fill(self, job: Job, driver: SearchDriver, tick: JobTick,
+              trials: list[FrozenTrial]) -> None:
         from optuna.trial import TrialState
 
         from search.study import SearchError
@@ -401,28 +410,21 @@ class Scheduler:
             inflight += 1
             tick.queued += 1
 
-    def _enqueue(self, job: Job, proposal) -> None:
-        task = proposal.task
-        row = Task(
-            id=new_id() + new_id(),
-            job_id=job.id,
-            trial_number=proposal.trial_number,
-            target=job.target,
-            runtime=task.measure.runtime if task.measure is not None else "eager",
-            task=task.model_dump(mode="json"),
-            cache_key=proposal.cache_key,
-            created_at=utcnow(),
-        )
+    def _enqueue(self, job: Job, proposal: Proposal) -> None:
+        now = utcnow()
 
         def op(s: Session) -> None:
             # only while the lock is ours and the job still runs: a job cancelled during
             # this tick gets no new task (the next tick finalizes it)
             self._renew(s, job.id, running=True)
-            leases.enqueue(s, row)
+            leases.enqueue(s, job_id=job.id, trial_number=proposal.trial_number,
+                           target=job.target, task=proposal.task,
+                           cache_key=proposal.cache_key, now=now)
 
         self.db.run(op)
 
-    def _progress(self, job: Job, driver, trials: list) -> tuple[dict[str, int], Any, int]:
+    def _progress(self, job: Job, driver: SearchDriver, trials: list[FrozenTrial]
+                  ) -> tuple[dict[str, int], FrozenTrial | None, int]:
         """(progress figures, best feasible trial or None, tasks in flight)."""
         from optuna.trial import TrialState
 
@@ -460,7 +462,8 @@ class Scheduler:
         }
         return progress, best, inflight
 
-    def _update_progress(self, job: Job, driver, tick: JobTick, trials: list) -> None:
+    def _update_progress(self, job: Job, driver: SearchDriver, tick: JobTick,
+                         trials: list[FrozenTrial]) -> None:
         progress, best, inflight = self._progress(job, driver, trials)
         finished = progress["finished"]
         best_view = summarize(best) if best is not None else None
@@ -484,7 +487,8 @@ class Scheduler:
 
         self.db.run(write)
 
-    def _finalize(self, job: Job, driver, tick: JobTick, progress: dict | None = None) -> None:
+    def _finalize(self, job: Job, driver: SearchDriver | None, tick: JobTick,
+                  progress: dict[str, int] | None = None) -> None:
         pareto: list[dict[str, Any]] = []
         winner = None
         best = None

@@ -68,13 +68,16 @@ def test_long_poll_waits_then_returns_a_task_when_one_appears(client, app, user_
 
 def test_result_is_accepted_once_duplicates_are_noops_and_stale_is_409(
         client, app, user_key, make_worker_token):
+    from service import clock
+
     h, _target, _wh, worker, job = _setup(client, app, user_key, make_worker_token, trials=2)
     app.state.scheduler.tick()
     lease = worker.lease()
     assert lease is not None
     first_expiry = _ts(lease["lease_expires_at"])
-    time.sleep(0.05)
-    r = worker.heartbeat(lease)
+    with clock.use(clock.ManualClock()) as now:
+        now.advance(1.0)
+        r = worker.heartbeat(lease)
     assert r.status_code == 200 and _ts(r.json()["lease_expires_at"]) > first_expiry
 
     bogus = {**lease, "lease_token": "fnl_not-the-token"}

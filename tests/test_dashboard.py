@@ -4,15 +4,14 @@ process on a free port, read back over the dashboard's HTTP API."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import optuna
 import pytest
+from service_harness import exe, free_port
 
 from search.evaluators.types import (
     EvalOutcome,
@@ -27,12 +26,6 @@ from search.study import Budgets, SearchConfig, SearchDriver, SQLMeasurementCach
 
 ROOT = Path(__file__).resolve().parents[1]
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _stats(x: float) -> LatencyStats:
@@ -68,11 +61,11 @@ def storage(tmp_path):
 
 
 def test_dashboard_serves_the_study_metric_names_and_user_attrs(storage, tmp_path):
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "dashboard", "--storage", storage,
-         "--host", "127.0.0.1", "--port", str(port)],
+        exe(["fitnas", "dashboard", "--storage", storage, "--host", "127.0.0.1",
+             "--port", str(port)]),
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     try:

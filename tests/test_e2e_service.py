@@ -32,7 +32,7 @@ from service_harness import (
     terminate_all,
     wait_http,
 )
-from svc_helpers import FAST_MEASURE, TINY_SPACE
+from svc_helpers import FAST_MEASURE, job_body
 from test_worker_imports import worker_only_env
 
 PG_URL = os.environ.get("FITNAS_TEST_POSTGRES_URL")
@@ -176,21 +176,12 @@ def start_service(work: Path, database_url: str, optuna_url: str, n_workers: int
     return svc
 
 
-def job_body(trials: int, name: str, **over) -> dict:
-    body = {
-        "name": name,
-        "target": "cpu",
-        "space": TINY_SPACE,
-        "trials": trials,
-        "parallelism": 2,
-        "measure": {**FAST_MEASURE, "max_cv": 1.0},
-        "quality": {"signal": "synflow", "batch": 4},
-        "sampler": "tpe",
-        "seed": 7,
-        "budgets": {"max_params": 3_000},  # some of the tiny space is over: pre-screened
-    }
-    body.update(over)
-    return body
+def e2e_job(trials: int, name: str, **over) -> dict:
+    """The shared test job, measured for real: TPE, and some of the tiny space over
+    budget (pre-screened)."""
+    return job_body("cpu", name=name, trials=trials, measure={**FAST_MEASURE, "max_cv": 1.0},
+                    quality={"signal": "synflow", "batch": 4}, sampler="tpe", seed=7,
+                    budgets={"max_params": 3_000}, **over)
 
 
 def check_job(svc: Service, job: dict, trials: int) -> dict:
@@ -266,7 +257,7 @@ def test_compose_stack_runs_a_short_job_on_postgres(tmp_path):
         svc = start_service(tmp_path, db_url, db_url, n_workers=2)
         try:
             _wait_workers_registered(svc)
-            job = svc.submit(job_body(4, "e2e short", parallelism=2))
+            job = svc.submit(e2e_job(4, "e2e short", parallelism=2))
             assert job["status"] == "queued"
             svc.start_dashboard()
             job = svc.wait_job(job["id"], timeout=300)
@@ -296,7 +287,7 @@ def _long_run(tmp_path: Path, database_url: str, optuna_url: str, n_workers: int
     try:
         _wait_workers_registered(svc)
         t0 = time.monotonic()
-        job1 = svc.submit(job_body(trials, "e2e first"))
+        job1 = svc.submit(e2e_job(trials, "e2e first"))
         svc.start_dashboard()
         job1 = svc.wait_job(job1["id"], timeout=3000)
         out["first_s"] = round(time.monotonic() - t0, 1)
@@ -304,7 +295,7 @@ def _long_run(tmp_path: Path, database_url: str, optuna_url: str, n_workers: int
 
         # the identical job again: mostly answered by the measurement cache
         t0 = time.monotonic()
-        job2 = svc.submit(job_body(trials, "e2e first"))
+        job2 = svc.submit(e2e_job(trials, "e2e first"))
         job2 = svc.wait_job(job2["id"], timeout=3000)
         out["second_s"] = round(time.monotonic() - t0, 1)
         out["second"] = check_job(svc, job2, trials)

@@ -194,10 +194,31 @@ def test_cache_keys_separate_targets_and_settings(app):
     cache.put(key_b, EvalOutcome.model_validate(
         {"ok": False, "failure": {"reason": "timeout", "message": "slow"}}))
     assert cache.get(key_b) is None
-    cache.put(key_b, EvalOutcome.model_validate(
-        {"ok": False, "failure": {"reason": "unsupported", "message": "no"}}))
-    assert cache.get(key_b).failure.reason == "unsupported"
-    assert cache.hits == 3 and cache.misses == 2
+    assert cache.hits == 2 and cache.misses == 2
+
+
+def test_both_measurement_caches_follow_one_policy(app, tmp_path):
+    """fitnas search's cache and the service's keep the same outcomes: successes only,
+    the first one stored for a key."""
+    from search.evaluators.types import EvalOutcome, MeasureSettings
+    from search.study import SQLMeasurementCache
+    from service.cache import DBMeasurementCache
+
+    first = EvalOutcome.model_validate({"ok": True, "seconds": 1.0})
+    later = EvalOutcome.model_validate({"ok": True, "seconds": 9.0})
+    for reason in ("unsupported", "timeout"):
+        failed = EvalOutcome.model_validate(
+            {"ok": False, "failure": {"reason": reason, "message": "no"}})
+        caches = (DBMeasurementCache(app.state.db, target="agree"),
+                  SQLMeasurementCache(f"sqlite:///{tmp_path}/local-{reason}.db"))
+        for i, cache in enumerate(caches):
+            key = MeasureSettings().key(f"agree-{reason}-{i}-{tmp_path.name}", "agree")
+            cache.put(key, first)
+            cache.put(key, later)
+            assert cache.get(key).seconds == 1.0
+            other = MeasureSettings().key(f"fails-{reason}-{i}-{tmp_path.name}", "agree")
+            cache.put(other, failed)
+            assert cache.get(other) is None
 
 
 def test_parallelism_is_bounded_by_live_workers(client, app, settings, user_key,
@@ -467,3 +488,38 @@ def test_a_job_the_driver_cannot_open_fails_with_its_reason(client, app, setting
     assert got["status"] == "failed" and "not made by fitnas" in got["error"]
     assert _tasks(app, job["id"]) == []
     assert job["id"] not in app.state.scheduler._candidates()
+
+
+def test_a_failed_job_cancels_its_tasks_like_a_cancel(client, app, user_key,
+                                                      make_worker_token):
+    """Failing a job (the driver keeps failing to sample) cancels its in-flight tasks the
+    way a cancel does: a worker holding one gets 409, and each has its finished_at."""
+    from search.study import SearchError
+
+    _, h = user_key
+    target, wh = make_worker_token()
+    workers = [HttpWorker(client, wh, target, name=f"w{i}") for i in range(2)]
+    for w in workers:
+        w.register()
+    job = client.post("/v1/jobs", headers=h,
+                      json=job_body(target, trials=6, parallelism=2)).json()
+    sched = app.state.scheduler
+    sched.tick()
+    leases = [w.lease() for w in workers]
+    assert all(lease is not None for lease in leases)
+
+    def broken_ask():
+        raise SearchError("the space cannot be sampled")
+
+    sched._drivers[job["id"]].ask = broken_ask
+    assert workers[0].result(leases[0]).json()["accepted"]
+    rep = sched.tick()  # tells the result, then asking fails three times: the job fails
+    assert job["id"] in rep.errors
+    got = _get(client, h, job["id"])
+    assert got["status"] == "failed" and "cannot be sampled" in got["error"]
+    r = workers[1].heartbeat(leases[1])
+    assert r.status_code == 409 and "cancelled" in r.json()["detail"]
+    tasks = {t.id: t for t in _tasks(app, job["id"])}
+    held = tasks[leases[1]["task_id"]]
+    assert held.state == "cancelled" and held.finished_at is not None
+    assert tasks[leases[0]["task_id"]].state == "done"

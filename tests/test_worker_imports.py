@@ -82,7 +82,8 @@ def test_worker_and_cli_import_without_server_packages(tmp_path):
     code = textwrap.dedent(
         f"""
         import sys
-        import service.worker, service.cli
+        import service.worker, service.cli, service.protocol
+        import service.worker.client, service.worker.keeper, service.worker.loop
         import search.evaluators
         import search.evaluators.types
         import search.evaluators.runner, search.evaluators.fingerprint
