@@ -79,7 +79,8 @@ def _mobilenet_v3(name, table, last, width, num_classes, resolution) -> ArchSpec
     return _spec(
         f"{name}@{width:g}", num_classes=num_classes, resolution=resolution, norm_eps=0.001,
         stem={"out_channels": c(16), "stride": 2, "act": "hswish"}, stages=stages,
-        head={"out_channels": c(6 * table[-1][2]), "kernel": 1, "act": "hswish"},
+        # torchvision: six times the last block's rounded width (not the rounded 6x)
+        head={"out_channels": 6 * c(table[-1][2]), "kernel": 1, "act": "hswish"},
         classifier={"hidden": c(last), "hidden_act": "hswish", "dropout": 0.2},
     )
 
@@ -120,7 +121,8 @@ def efficientnet_b0(width: float = 1.0, num_classes: int = 1000, resolution: int
     return _spec(
         f"efficientnet_b0@{width:g}", num_classes=num_classes, resolution=resolution,
         stem={"out_channels": c(32), "stride": 2, "act": "swish"}, stages=stages,
-        head={"out_channels": c(1280), "kernel": 1, "act": "swish"},
+        # torchvision: four times the last block's rounded width (1280 at width 1.0)
+        head={"out_channels": 4 * c(table[-1][3]), "kernel": 1, "act": "swish"},
         classifier={"dropout": 0.2},
     )
 

@@ -71,3 +71,22 @@ def test_bad_presets_are_refused():
         preset("vgg16")
     with pytest.raises(ValueError, match="width multiplier"):
         preset("mobilenet_v2", 10.0)
+
+
+# torchvision's counts at width_mult=0.33 (1000 classes)
+@pytest.mark.parametrize(("name", "params"), [("mobilenet_v3_large", 933_504),
+                                              ("efficientnet_b0", 919_066)])
+def test_width_multiplier_matches_torchvision(name, params):
+    spec = preset(name, 0.33)
+    assert estimate_cost(spec).params == params
+    assert sum(p.numel() for p in build_model(spec).parameters()) == params
+
+
+@pytest.mark.parametrize(("name", "factor"), [("mobilenet_v3_large", 6), ("mobilenet_v3_small", 6),
+                                              ("efficientnet_b0", 4)])
+@pytest.mark.parametrize("width", [0.1, 0.25, 0.33, 0.5, 0.75, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0])
+def test_head_is_a_multiple_of_the_last_blocks_rounded_width(name, factor, width):
+    """torchvision sizes the head from the last block's rounded width (x6 for MobileNetV3,
+    x4 for EfficientNet), not by rounding the scaled 960 / 1280."""
+    spec = preset(name, width)
+    assert spec.head.out_channels == factor * spec.stages[-1].block.out_channels
