@@ -211,6 +211,13 @@ class CostGraph:
         c = self.ch(inputs[0]) if c is None else c
         return self.op(inputs, c, self.hw(inputs[0]), counted=False)
 
+    def view(self, x: int, c: int) -> int:
+        """The first or last ``c`` channels of ``x``, as a view: no memory of its own (``x``
+        must stay an input of a later op, which keeps it live)."""
+        t = self.op((x,), c, self.hw(x), counted=False)
+        self.sizes[t] = 0
+        return t
+
     def shuffle(self, x: int) -> int:
         return self.op((x,), self.ch(x), self.hw(x), counted=False)
 

@@ -155,6 +155,32 @@ def shufflenet_v1(width: float = 1.0, num_classes: int = 1000, resolution: int =
     )
 
 
+# torchvision's stage widths (stem, three stages, head) at its four published widths
+_SHUFFLENET_V2 = {0.5: (24, 48, 96, 192, 1024), 1.0: (24, 116, 232, 464, 1024),
+                  1.5: (24, 176, 352, 704, 1024), 2.0: (24, 244, 488, 976, 2048)}
+
+
+def shufflenet_v2(width: float = 1.0, num_classes: int = 1000,
+                  resolution: int = 224) -> ArchSpec:
+    """ShuffleNet V2 (Ma et al. 2018) as torchvision's shufflenet_v2_x0_5 / x1_0 / x1_5 /
+    x2_0 (2,278,604 parameters at x1.0); other widths scale x1.0's stage widths to a
+    multiple of 4 and keep its 24-channel stem and 1024-channel head."""
+    if width in _SHUFFLENET_V2:
+        stem, *outs, head = _SHUFFLENET_V2[width]
+    else:
+        stem, head = 24, 1024
+        outs = [make_divisible(c * width, 4) for c in _SHUFFLENET_V2[1.0][1:4]]
+    stages = []
+    for out, n in zip(outs, (4, 8, 4), strict=True):
+        stages.append(_stage("shuffle_v2", 1, out_channels=out, stride=2))
+        stages.append(_stage("shuffle_v2", n - 1, out_channels=out))
+    return _spec(
+        f"shufflenet_v2@{width:g}", num_classes=num_classes, resolution=resolution,
+        stem={"out_channels": stem, "stride": 2}, stem_pool=True, stages=stages,
+        head={"out_channels": head, "kernel": 1},
+    )
+
+
 def resnext50(width: float = 1.0, num_classes: int = 1000, resolution: int = 224) -> ArchSpec:
     """ResNeXt-50 32x4d as in torchvision (25,028,904 parameters)."""
     c = lambda n: make_divisible(n * width, 32)  # noqa: E731
@@ -176,6 +202,7 @@ PRESETS: dict[str, Callable[..., ArchSpec]] = {
     "mnasnet": mnasnet,
     "efficientnet_b0": efficientnet_b0,
     "shufflenet_v1": shufflenet_v1,
+    "shufflenet_v2": shufflenet_v2,
     "resnext50": resnext50,
 }
 

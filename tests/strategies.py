@@ -84,6 +84,11 @@ def stages(draw, kind: str, cin: int, max_channels: int = 24,
         else:
             cout = cin
         block.update(out_channels=cout, mid_channels=mid, groups=groups, first_groups=first)
+    elif kind == "shuffle_v2":
+        if cin % 2:
+            stride = block["stride"] = 2  # stride 1 passes half the input through
+        cout = cin if stride == 1 else 2 * draw(st.integers(1, max_channels // 2))
+        block.update(out_channels=cout)
     else:  # pragma: no cover - a new kind must be added here
         raise ValueError(f"no strategy for block kind {kind!r}")
     return {"block": block, "repeats": repeats}

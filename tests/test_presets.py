@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from blocks import PRESETS, build_model, load_spec, preset
 from blocks.cost import estimate_cost
@@ -18,6 +19,7 @@ EXPECTED_PARAMS = {
     "resnext50": 25_028_904,
     "mobilenet_v1": 4_231_976,
     "shufflenet_v1": 1_864_728,
+    "shufflenet_v2": 2_278_604,
 }
 # multiply-accumulates at 224x224; torchvision lists these as GFLOPS 0.30 / 0.22 / 0.06 /
 # 0.31 / 0.39 / 4.23, the MobileNetV1 paper 569M mult-adds.
@@ -29,6 +31,7 @@ EXPECTED_MACS = {
     "efficientnet_b0": 385_814_752,
     "resnext50": 4_230_479_872,
     "mobilenet_v1": 568_740_352,
+    "shufflenet_v2": 144_907_992,
 }
 
 
@@ -90,3 +93,17 @@ def test_head_is_a_multiple_of_the_last_blocks_rounded_width(name, factor, width
     x4 for EfficientNet), not by rounding the scaled 960 / 1280."""
     spec = preset(name, width)
     assert spec.head.out_channels == factor * spec.stages[-1].block.out_channels
+
+
+# torchvision's shufflenet_v2_x0_5 / x1_0 (params, MACs at 224x224)
+@pytest.mark.parametrize(("width", "params", "macs"), [(0.5, 1_366_792, 40_476_448),
+                                                       (1.0, 2_278_604, 144_907_992)])
+def test_shufflenet_v2_matches_torchvision(width, params, macs):
+    spec = preset("shufflenet_v2", width)
+    model = build_model(spec).eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.randn(1, 3, 224, 224))
+    assert sum(p.numel() for p in model.parameters()) == params
+    assert counter.get_total_flops() // 2 == macs
+    cost = estimate_cost(spec)
+    assert (cost.params, cost.macs) == (params, macs)

@@ -9,7 +9,16 @@ do not make it) and add its ``KIND`` here (docs/spec.md, "Adding a block kind").
 
 from __future__ import annotations
 
-from blocks.kinds import bottleneck, conv, ds, factorized, mbconv, shuffle, spatial_sep
+from blocks.kinds import (
+    bottleneck,
+    conv,
+    ds,
+    factorized,
+    mbconv,
+    shuffle,
+    shuffle_v2,
+    spatial_sep,
+)
 from blocks.kinds.base import BlockKind
 
 KINDS: dict[str, BlockKind] = {
@@ -22,6 +31,7 @@ KINDS: dict[str, BlockKind] = {
         mbconv.KIND,
         bottleneck.KIND,
         shuffle.KIND,
+        shuffle_v2.KIND,
     )
 }
 
