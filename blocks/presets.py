@@ -181,17 +181,52 @@ def shufflenet_v2(width: float = 1.0, num_classes: int = 1000,
     )
 
 
-def resnext50(width: float = 1.0, num_classes: int = 1000, resolution: int = 224) -> ArchSpec:
-    """ResNeXt-50 32x4d as in torchvision (25,028,904 parameters)."""
+def _resnet(name: str, depths: tuple[int, ...], width: float, num_classes: int,
+            resolution: int) -> ArchSpec:
+    c = lambda n: make_divisible(n * width, 8)  # noqa: E731
+    stages = [_stage("basic", n, out_channels=c(o), stride=s)
+              for o, n, s in zip((64, 128, 256, 512), depths, (1, 2, 2, 2), strict=True)]
+    return _spec(f"{name}@{width:g}", num_classes=num_classes, resolution=resolution,
+                 stem={"out_channels": c(64), "kernel": 7, "stride": 2}, stem_pool=True,
+                 stages=stages)
+
+
+def resnet18(width: float = 1.0, num_classes: int = 1000, resolution: int = 224) -> ArchSpec:
+    """ResNet-18 as in torchvision (11,689,512 parameters): basic blocks, projection
+    shortcuts where the stride or the width changes."""
+    return _resnet("resnet18", (2, 2, 2, 2), width, num_classes, resolution)
+
+
+def resnet34(width: float = 1.0, num_classes: int = 1000, resolution: int = 224) -> ArchSpec:
+    """ResNet-34 as in torchvision (21,797,672 parameters)."""
+    return _resnet("resnet34", (3, 4, 6, 3), width, num_classes, resolution)
+
+
+def _resnext50(name: str, width: float, num_classes: int, resolution: int,
+               se: dict[str, Any] | None = None) -> ArchSpec:
     c = lambda n: make_divisible(n * width, 32)  # noqa: E731
     stages = [
         _stage("bottleneck", n, out_channels=c(p * 4), mid_channels=c(p * 2), groups=32,
-               stride=s)
+               stride=s, se=se)
         for p, n, s in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2))
     ]
-    return _spec(f"resnext50_32x4d@{width:g}", num_classes=num_classes, resolution=resolution,
+    return _spec(f"{name}@{width:g}", num_classes=num_classes, resolution=resolution,
                  stem={"out_channels": c(64), "kernel": 7, "stride": 2}, stem_pool=True,
                  stages=stages)
+
+
+def resnext50(width: float = 1.0, num_classes: int = 1000, resolution: int = 224) -> ArchSpec:
+    """ResNeXt-50 32x4d as in torchvision (25,028,904 parameters)."""
+    return _resnext50("resnext50_32x4d", width, num_classes, resolution)
+
+
+def se_resnext50(width: float = 1.0, num_classes: int = 1000,
+                 resolution: int = 224) -> ArchSpec:
+    """SE-ResNeXt-50 32x4d (Hu et al. 2018): ResNeXt-50 with squeeze-and-excitation
+    (reduction 16, ReLU, sigmoid) on every bottleneck's branch before the sum, as in the
+    authors' model and the pretrainedmodels port (27,559,896 parameters)."""
+    se = {"ratio": 1 / 16, "base": "mid", "divisor": 1, "act": "relu", "gate": "sigmoid"}
+    return _resnext50("se_resnext50_32x4d", width, num_classes, resolution, se)
 
 
 PRESETS: dict[str, Callable[..., ArchSpec]] = {
@@ -203,7 +238,10 @@ PRESETS: dict[str, Callable[..., ArchSpec]] = {
     "efficientnet_b0": efficientnet_b0,
     "shufflenet_v1": shufflenet_v1,
     "shufflenet_v2": shufflenet_v2,
+    "resnet18": resnet18,
+    "resnet34": resnet34,
     "resnext50": resnext50,
+    "se_resnext50": se_resnext50,
 }
 
 

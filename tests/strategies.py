@@ -74,7 +74,7 @@ def stages(draw, kind: str, cin: int, max_channels: int = 24,
         mid = groups * draw(st.integers(1, max(1, max_channels // (2 * groups))))
         cout = draw(st.one_of(st.just(cin), width))
         block.update(out_channels=cout, mid_channels=mid, groups=groups,
-                     dilation=draw(st.sampled_from([1, 2])))
+                     dilation=draw(st.sampled_from([1, 2])), se=_maybe_se(draw))
     elif kind == "shuffle":
         groups = draw(st.sampled_from(_divisors(cin, (1, 2, 3))))
         first = draw(st.sampled_from([None, 1]))
@@ -84,6 +84,8 @@ def stages(draw, kind: str, cin: int, max_channels: int = 24,
         else:
             cout = cin
         block.update(out_channels=cout, mid_channels=mid, groups=groups, first_groups=first)
+    elif kind == "basic":
+        block.update(out_channels=draw(st.one_of(st.just(cin), width)))
     elif kind == "shuffle_v2":
         if cin % 2:
             stride = block["stride"] = 2  # stride 1 passes half the input through

@@ -9,7 +9,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from blocks import PRESETS, build_model, load_spec, preset
 from blocks.cost import estimate_cost
 
-# torchvision's counts (and the MobileNetV1 paper's 4.2M); ShuffleNet V1 g=3 is ours.
+# torchvision's counts (and the MobileNetV1 paper's 4.2M, pretrainedmodels' SE-ResNeXt-50);
+# ShuffleNet V1 g=3 is ours.
 EXPECTED_PARAMS = {
     "mobilenet_v2": 3_504_872,
     "mobilenet_v3_large": 5_483_032,
@@ -20,6 +21,9 @@ EXPECTED_PARAMS = {
     "mobilenet_v1": 4_231_976,
     "shufflenet_v1": 1_864_728,
     "shufflenet_v2": 2_278_604,
+    "resnet18": 11_689_512,
+    "resnet34": 21_797_672,
+    "se_resnext50": 27_559_896,
 }
 # multiply-accumulates at 224x224; torchvision lists these as GFLOPS 0.30 / 0.22 / 0.06 /
 # 0.31 / 0.39 / 4.23, the MobileNetV1 paper 569M mult-adds.
@@ -32,6 +36,8 @@ EXPECTED_MACS = {
     "resnext50": 4_230_479_872,
     "mobilenet_v1": 568_740_352,
     "shufflenet_v2": 144_907_992,
+    "resnet18": 1_814_073_344,
+    "resnet34": 3_663_761_408,
 }
 
 
@@ -107,3 +113,12 @@ def test_shufflenet_v2_matches_torchvision(width, params, macs):
     assert counter.get_total_flops() // 2 == macs
     cost = estimate_cost(spec)
     assert (cost.params, cost.macs) == (params, macs)
+
+
+def test_se_resnext50_is_resnext50_plus_its_squeeze_excitation():
+    """SE (reduction 16, with biases) on each bottleneck's output: 2 * out * out/16 + out/16
+    + out parameters per block; MACs add the two 1x1 convs on the pooled vector."""
+    plain, se = estimate_cost(preset("resnext50")), estimate_cost(preset("se_resnext50"))
+    widths = [256] * 3 + [512] * 4 + [1024] * 6 + [2048] * 3
+    assert se.params - plain.params == sum(2 * w * (w // 16) + w // 16 + w for w in widths)
+    assert se.macs - plain.macs == sum(2 * w * (w // 16) for w in widths)

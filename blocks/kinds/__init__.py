@@ -10,6 +10,7 @@ do not make it) and add its ``KIND`` here (docs/spec.md, "Adding a block kind").
 from __future__ import annotations
 
 from blocks.kinds import (
+    basic,
     bottleneck,
     conv,
     ds,
@@ -30,6 +31,7 @@ KINDS: dict[str, BlockKind] = {
         ds.KIND,
         mbconv.KIND,
         bottleneck.KIND,
+        basic.KIND,
         shuffle.KIND,
         shuffle_v2.KIND,
     )
