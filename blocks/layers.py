@@ -157,6 +157,22 @@ class SpatiallySeparableConv(nn.Sequential):
         )
 
 
+class SeparableConvNormAct(nn.Sequential):
+    """Xception's separable convolution: depthwise kxk -> pointwise 1x1, nothing between
+    the two, then norm -> act (the norm follows the pointwise conv, so it folds)."""
+
+    def __init__(self, in_channels, out_channels, kernel=3, stride=1,
+                 norm_layer: NormLayer = nn.BatchNorm2d,
+                 act_layer: ActLayer | None = ACTIVATIONS["relu"]):
+        super().__init__(
+            nn.Conv2d(in_channels, in_channels, kernel, stride, same_padding(kernel),
+                      groups=in_channels, bias=False),
+            nn.Conv2d(in_channels, out_channels, 1, bias=False),
+            norm_layer(out_channels),
+            act_layer() if act_layer is not None else nn.Identity(),
+        )
+
+
 class DepthwiseSeparable(nn.Module):
     """MobileNetV1 block: depthwise kxk-norm-act [-> SE] -> pointwise 1x1-norm[-act]."""
 

@@ -229,6 +229,27 @@ def se_resnext50(width: float = 1.0, num_classes: int = 1000,
     return _resnext50("se_resnext50_32x4d", width, num_classes, resolution, se)
 
 
+def xception(width: float = 1.0, num_classes: int = 1000, resolution: int = 299) -> ArchSpec:
+    """Xception (Chollet 2017) as the reference model (22,855,952 parameters at 299x299):
+    entry flow (two 3x3 convs, three strided blocks), middle flow (eight 728-wide blocks of
+    three separable convs), exit flow (a strided block, two separable conv-norm-act). The
+    two stem convs are 'same'-padded here (the reference pads neither), which changes the
+    feature-map sizes and the MACs, not the parameters."""
+    c = lambda n: make_divisible(n * width, 8)  # noqa: E731
+    xc = lambda out, reps, stride, **kw: _stage(  # noqa: E731
+        "xception", 1, out_channels=c(out), reps=reps, stride=stride, **kw)
+    stages = [
+        _stage("conv", 1, out_channels=c(64)),
+        xc(128, 2, 2, start_act=False), xc(256, 2, 2), xc(728, 2, 2),
+        {**xc(728, 3, 1), "repeats": 8},
+        xc(1024, 2, 2, grow_first=False),
+        _stage("sepconv", 1, out_channels=c(1536)),
+        _stage("sepconv", 1, out_channels=c(2048)),
+    ]
+    return _spec(f"xception@{width:g}", num_classes=num_classes, resolution=resolution,
+                 stem={"out_channels": c(32), "stride": 2}, stages=stages)
+
+
 PRESETS: dict[str, Callable[..., ArchSpec]] = {
     "mobilenet_v1": mobilenet_v1,
     "mobilenet_v2": mobilenet_v2,
@@ -242,6 +263,7 @@ PRESETS: dict[str, Callable[..., ArchSpec]] = {
     "resnet34": resnet34,
     "resnext50": resnext50,
     "se_resnext50": se_resnext50,
+    "xception": xception,
 }
 
 

@@ -86,6 +86,12 @@ def stages(draw, kind: str, cin: int, max_channels: int = 24,
         block.update(out_channels=cout, mid_channels=mid, groups=groups, first_groups=first)
     elif kind == "basic":
         block.update(out_channels=draw(st.one_of(st.just(cin), width)))
+    elif kind == "sepconv":
+        block.update(out_channels=draw(width))
+    elif kind == "xception":
+        block.update(out_channels=draw(st.one_of(st.just(cin), width)),
+                     reps=draw(st.integers(1, 3)), grow_first=draw(st.booleans()),
+                     start_act=draw(st.booleans()))
     elif kind == "shuffle_v2":
         if cin % 2:
             stride = block["stride"] = 2  # stride 1 passes half the input through

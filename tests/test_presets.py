@@ -9,7 +9,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from blocks import PRESETS, build_model, load_spec, preset
 from blocks.cost import estimate_cost
 
-# torchvision's counts (and the MobileNetV1 paper's 4.2M, pretrainedmodels' SE-ResNeXt-50);
+# torchvision's counts (and the MobileNetV1 paper's 4.2M, the Xception paper's 22.86M at
+# 299x299, pretrainedmodels' SE-ResNeXt-50);
 # ShuffleNet V1 g=3 is ours.
 EXPECTED_PARAMS = {
     "mobilenet_v2": 3_504_872,
@@ -24,6 +25,7 @@ EXPECTED_PARAMS = {
     "resnet18": 11_689_512,
     "resnet34": 21_797_672,
     "se_resnext50": 27_559_896,
+    "xception": 22_855_952,
 }
 # multiply-accumulates at 224x224; torchvision lists these as GFLOPS 0.30 / 0.22 / 0.06 /
 # 0.31 / 0.39 / 4.23, the MobileNetV1 paper 569M mult-adds.
@@ -122,3 +124,17 @@ def test_se_resnext50_is_resnext50_plus_its_squeeze_excitation():
     widths = [256] * 3 + [512] * 4 + [1024] * 6 + [2048] * 3
     assert se.params - plain.params == sum(2 * w * (w // 16) + w // 16 + w for w in widths)
     assert se.macs - plain.macs == sum(2 * w * (w // 16) for w in widths)
+
+
+def test_xception_at_299_is_costed_exactly():
+    """The paper's 22,855,952 parameters; MACs as FlopCounterMode counts the built model
+    (the stem convs are 'same'-padded, so they are not the reference's 8.4G exactly)."""
+    spec = preset("xception")
+    assert spec.resolution == 299
+    torch.set_num_threads(1)
+    model = build_model(spec).eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.randn(1, 3, 299, 299))
+    cost = estimate_cost(spec)
+    assert cost.params == sum(p.numel() for p in model.parameters()) == 22_855_952
+    assert cost.macs == counter.get_total_flops() // 2 == 8_470_752_656

@@ -16,9 +16,11 @@ from blocks.kinds import (
     ds,
     factorized,
     mbconv,
+    sepconv,
     shuffle,
     shuffle_v2,
     spatial_sep,
+    xception,
 )
 from blocks.kinds.base import BlockKind
 
@@ -32,6 +34,8 @@ KINDS: dict[str, BlockKind] = {
         mbconv.KIND,
         bottleneck.KIND,
         basic.KIND,
+        xception.KIND,
+        sepconv.KIND,
         shuffle.KIND,
         shuffle_v2.KIND,
     )
