@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from strategies import arch_specs
 
 from blocks import PRESETS, ArchSpec, SpecError, SpecLoadError, build_model, load_spec, preset
-from blocks.compact import CompactFormatError, from_compact
+from blocks.compact import CompactFormatError, compact_dict, from_compact
 from blocks.shapes import resolve
 
 torch.set_num_threads(1)
@@ -95,6 +95,33 @@ def test_compact_errors_name_the_part(text, needle):
         from_compact(text)
     with pytest.raises(SpecLoadError):
         load_spec(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("net_v1_r224,stem:cn_s2_c32,ir_e1.0_c16_a-relu7",
+         "invalid spec: part 3 ('ir_e1.0_c16_a-relu7'): stages.0.block.mbconv.act: Input "
+         "should be 'relu', 'relu6', 'hswish', 'swish', 'gelu', 'sigmoid', 'hsigmoid' or 'none'"),
+        ("net_v1,stem:cn_c8,cn_c9999",
+         "invalid spec: part 3 ('cn_c9999'): stages.0.block.conv.out_channels: Input should "
+         "be less than or equal to 4096"),
+        ("net_v1_r5,stem:cn_c8,cn_c9",
+         "invalid spec: part 1 ('net_v1_r5'): resolution: Input should be greater than or "
+         "equal to 8"),
+        ("net_v1,stem:cn_c8,cn_c9,fc_drop1.5",
+         "invalid spec: part 4 ('fc_drop1.5'): classifier.dropout: Input should be less than 1"),
+    ],
+)
+def test_compact_validation_errors_keep_the_part_the_field_and_the_reason(text, message):
+    with pytest.raises(SpecLoadError) as err:
+        load_spec(text)
+    assert str(err.value) == message
+    # the same field path and reason as the JSON form of the same spec
+    part = message.split(": ", 2)[1]
+    with pytest.raises(SpecLoadError) as json_err:
+        load_spec(json.dumps(compact_dict(text)))
+    assert str(json_err.value) == message.replace(part + ": ", "")
 
 
 # ---- canonical JSON and hash -------------------------------------------------------------
