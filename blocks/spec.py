@@ -153,6 +153,11 @@ class ArchSpec(_Strict):
         data = self.model_dump(mode="json")
         if not include_name:
             data.pop("name", None)
+        for stage, dumped in zip(self.stages, data["stages"], strict=True):
+            block = stage.block
+            for name in block.added_fields:
+                if getattr(block, name) == type(block).model_fields[name].default:
+                    dumped["block"].pop(name)
         return data
 
     def canonical_json(self, include_name: bool = True) -> str:

@@ -17,6 +17,8 @@ class BottleneckBlock(BlockSpec):
     norm) when stride or width changes. ``se`` acts on the branch's output (``out``
     channels; SE-ResNeXt: ratio 1/16) before the sum."""
 
+    added_fields = ("se",)
+
     kind: Literal["bottleneck"] = "bottleneck"
     mid_channels: Channels
     groups: Groups = 1
