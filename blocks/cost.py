@@ -13,8 +13,9 @@ builder makes. Conventions (docs/spec.md, "Cost model"):
   residual adds and channel shuffles are not counted. This equals
   ``torch.utils.flop_counter.FlopCounterMode``'s total divided by 2.
 * ``activation_bytes_total`` is the sum of the sizes of every tensor produced by a
-  convolution, linear or pooling layer (stem max pool, ShuffleNet average pool, SE
-  squeeze, global average pool), plus the input image, times batch and ``dtype_bytes``.
+  convolution, linear or pooling layer (stem max pool, ShuffleNet average pool, Xception
+  max pool, SE squeeze, global average pool), plus the input image, times batch and
+  ``dtype_bytes``.
 * ``activation_bytes`` is the peak working set of one sequential inference pass: every
   tensor is live from the operation that makes it to the last operation that reads it,
   BatchNorm and activations work in place (they are folded / fused in deployment), and

@@ -4,7 +4,9 @@ A network is ``stem -> stages -> head -> global average pool -> classifier``. A 
 one block kind repeated ``repeats`` times; the first repeat takes the stage's stride, the
 rest have stride 1 and take the stage's output width as input. Every numeric field is
 bounded, so a spec that would allocate absurd tensors is rejected by validation, before
-anything is built.
+anything is built. The block kinds come from the table :data:`blocks.kinds.KINDS`; fields
+that cannot change the built network are written at one canonical value on validation, so
+one network has one spec and one hash.
 
 Two serial forms, both exact:
 
