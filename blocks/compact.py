@@ -20,6 +20,7 @@ from urllib.parse import quote, unquote
 
 from pydantic import BaseModel, ValidationError
 
+from blocks.errors import validation_message
 from blocks.kinds import KINDS
 from blocks.spec import (
     ArchSpec,
@@ -177,10 +178,26 @@ def _layer_from(part: str, where: str) -> dict[str, Any]:
 
 
 def from_compact(text: str) -> ArchSpec:
+    """Parse and validate; a ``CompactFormatError`` names the part, the field and the
+    reason."""
+    data, wheres = _parse(text)
+    try:
+        return ArchSpec.model_validate(data)
+    except ValidationError as exc:
+        raise CompactFormatError(_located(exc, wheres)) from exc
+
+
+def compact_dict(text: str) -> dict[str, Any]:
+    """The spec data a compact string stands for, not validated."""
+    return _parse(text)[0]
+
+
+def _parse(text: str) -> tuple[dict[str, Any], dict[str, str]]:
     text = text.strip()
     if not text.startswith("net"):
         raise CompactFormatError("compact spec must start with 'net_v1_...'")
     data: dict[str, Any] = {"stages": []}
+    wheres: dict[str, str] = {}  # top-level field (or "stages.N") -> the part that set it
     for i, part in enumerate(p for p in text.split(",")):
         where = f"part {i + 1} ({part[:40]!r})"
         if not part:
@@ -190,25 +207,38 @@ def from_compact(text: str) -> ArchSpec:
             if head != "net":
                 raise CompactFormatError(f"{where}: must be 'net_...'")
             data.update(_parse_tokens(tokens, _NET_KEYS, where))
+            wheres["net"] = where
         elif part.startswith("stem:"):
             data["stem"] = _layer_from(part[5:], where)
+            wheres["stem"] = where
         elif part.startswith("head:"):
             data["head"] = _layer_from(part[5:], where)
+            wheres["head"] = where
         elif part.split("_")[0] == "fc":
             data["classifier"] = _parse_tokens(part.split("_")[1:], _FC_KEYS, where)
+            wheres["classifier"] = where
             if "bias" in data["classifier"]:
                 data["classifier"]["bias"] = bool(data["classifier"]["bias"])
         else:
+            wheres[f"stages.{len(data['stages'])}"] = where
             data["stages"].append(_block_from(part, where))
     if "stem" not in data:
         raise CompactFormatError("compact spec has no 'stem:cn_...' part")
     for key in ("stem_pool",):
         if key in data:
             data[key] = bool(data[key])
-    try:
-        return ArchSpec.model_validate(data)
-    except ValidationError as exc:
-        raise CompactFormatError(f"invalid spec: {exc}") from exc
+    return data, wheres
 
 
-__all__ = ["Classifier", "CompactFormatError", "ConvLayer", "SESpec", "from_compact", "to_compact"]
+def _located(exc: ValidationError, wheres: dict[str, str]) -> str:
+    """The first error as the JSON form reports it (field path and reason), prefixed with
+    the compact part that holds the field."""
+    errors = exc.errors()
+    loc = errors[0]["loc"]
+    key = f"{loc[0]}.{loc[1]}" if loc[:1] == ("stages",) and len(loc) > 1 else str(loc[0])
+    where = wheres.get(key, wheres.get("net", "spec"))
+    return f"invalid spec: {where}: {validation_message(errors, exc.error_count())}"
+
+
+__all__ = ["Classifier", "CompactFormatError", "ConvLayer", "SESpec", "compact_dict",
+           "from_compact", "to_compact"]

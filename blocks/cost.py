@@ -13,8 +13,9 @@ builder makes. Conventions (docs/spec.md, "Cost model"):
   residual adds and channel shuffles are not counted. This equals
   ``torch.utils.flop_counter.FlopCounterMode``'s total divided by 2.
 * ``activation_bytes_total`` is the sum of the sizes of every tensor produced by a
-  convolution, linear or pooling layer (stem max pool, ShuffleNet average pool, SE
-  squeeze, global average pool), plus the input image, times batch and ``dtype_bytes``.
+  convolution, linear or pooling layer (stem max pool, ShuffleNet average pool, Xception
+  max pool, SE squeeze, global average pool), plus the input image, times batch and
+  ``dtype_bytes``.
 * ``activation_bytes`` is the peak working set of one sequential inference pass: every
   tensor is live from the operation that makes it to the last operation that reads it,
   BatchNorm and activations work in place (they are folded / fused in deployment), and
@@ -210,6 +211,13 @@ class CostGraph:
         """Elementwise add / multiply (c=None: shape of the first input) or concat."""
         c = self.ch(inputs[0]) if c is None else c
         return self.op(inputs, c, self.hw(inputs[0]), counted=False)
+
+    def view(self, x: int, c: int) -> int:
+        """The first or last ``c`` channels of ``x``, as a view: no memory of its own (``x``
+        must stay an input of a later op, which keeps it live)."""
+        t = self.op((x,), c, self.hw(x), counted=False)
+        self.sizes[t] = 0
+        return t
 
     def shuffle(self, x: int) -> int:
         return self.op((x,), self.ch(x), self.hw(x), counted=False)

@@ -8,7 +8,7 @@ Needs pydantic only.
 from __future__ import annotations
 
 import math
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -64,6 +64,11 @@ class SESpec(Strict):
 class BlockSpec(Strict):
     """Fields every block kind has; a kind's spec class adds its own and a ``kind``
     literal, which is the discriminator of the stage's ``block`` field."""
+
+    # Fields a kind gained after its specs were first hashed: at their default they are
+    # left out of the canonical JSON, so the hashes of existing specs (the measurement
+    # cache's keys) stay as they were.
+    added_fields: ClassVar[tuple[str, ...]] = ()
 
     kind: str
     out_channels: Channels

@@ -157,6 +157,22 @@ class SpatiallySeparableConv(nn.Sequential):
         )
 
 
+class SeparableConvNormAct(nn.Sequential):
+    """Xception's separable convolution: depthwise kxk -> pointwise 1x1, nothing between
+    the two, then norm -> act (the norm follows the pointwise conv, so it folds)."""
+
+    def __init__(self, in_channels, out_channels, kernel=3, stride=1,
+                 norm_layer: NormLayer = nn.BatchNorm2d,
+                 act_layer: ActLayer | None = ACTIVATIONS["relu"]):
+        super().__init__(
+            nn.Conv2d(in_channels, in_channels, kernel, stride, same_padding(kernel),
+                      groups=in_channels, bias=False),
+            nn.Conv2d(in_channels, out_channels, 1, bias=False),
+            norm_layer(out_channels),
+            act_layer() if act_layer is not None else nn.Identity(),
+        )
+
+
 class DepthwiseSeparable(nn.Module):
     """MobileNetV1 block: depthwise kxk-norm-act [-> SE] -> pointwise 1x1-norm[-act]."""
 
@@ -202,11 +218,12 @@ class InvertedResidual(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    """ResNet / ResNeXt bottleneck (stride on the kxk conv, as in ResNet v1.5)."""
+    """ResNet / ResNeXt bottleneck (stride on the kxk conv, as in ResNet v1.5); with ``se``,
+    squeeze-and-excitation on the residual branch before the sum (SE-ResNeXt)."""
 
     def __init__(self, in_channels, out_channels, mid_channels, kernel=3, stride=1, groups=1,
                  dilation=1, norm_layer: NormLayer = nn.BatchNorm2d,
-                 act_layer: ActLayer = ACTIVATIONS["relu"]):
+                 act_layer: ActLayer = ACTIVATIONS["relu"], se: nn.Module | None = None):
         super().__init__()
         self.reduce = ConvNormAct(in_channels, mid_channels, 1, norm_layer=norm_layer,
                                   act_layer=act_layer)
@@ -214,6 +231,7 @@ class Bottleneck(nn.Module):
                                 norm_layer, act_layer)
         self.restore = ConvNormAct(mid_channels, out_channels, 1, norm_layer=norm_layer,
                                    act_layer=None)
+        self.se = se if se is not None else nn.Identity()
         self.shortcut = (
             ConvNormAct(in_channels, out_channels, 1, stride, norm_layer=norm_layer, act_layer=None)
             if stride != 1 or in_channels != out_channels
@@ -222,7 +240,7 @@ class Bottleneck(nn.Module):
         self.act = act_layer()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.restore(self.conv(self.reduce(x))) + self.shortcut(x))
+        return self.act(self.se(self.restore(self.conv(self.reduce(x)))) + self.shortcut(x))
 
 
 class ShuffleUnit(nn.Module):

@@ -17,6 +17,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from blocks.compact import CompactFormatError, from_compact
+from blocks.errors import validation_message
 from blocks.presets import PRESETS, preset
 from blocks.spec import ArchSpec
 
@@ -26,10 +27,7 @@ class SpecLoadError(ValueError):
 
 
 def _validation_message(exc: ValidationError) -> str:
-    first = exc.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"]) or "spec"
-    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-    return f"{loc}: {first['msg']}{more}"
+    return validation_message(exc.errors(), exc.error_count())
 
 
 def spec_from_dict(data: object) -> ArchSpec:

@@ -79,7 +79,8 @@ def _mobilenet_v3(name, table, last, width, num_classes, resolution) -> ArchSpec
     return _spec(
         f"{name}@{width:g}", num_classes=num_classes, resolution=resolution, norm_eps=0.001,
         stem={"out_channels": c(16), "stride": 2, "act": "hswish"}, stages=stages,
-        head={"out_channels": c(6 * table[-1][2]), "kernel": 1, "act": "hswish"},
+        # torchvision: six times the last block's rounded width (not the rounded 6x)
+        head={"out_channels": 6 * c(table[-1][2]), "kernel": 1, "act": "hswish"},
         classifier={"hidden": c(last), "hidden_act": "hswish", "dropout": 0.2},
     )
 
@@ -120,7 +121,8 @@ def efficientnet_b0(width: float = 1.0, num_classes: int = 1000, resolution: int
     return _spec(
         f"efficientnet_b0@{width:g}", num_classes=num_classes, resolution=resolution,
         stem={"out_channels": c(32), "stride": 2, "act": "swish"}, stages=stages,
-        head={"out_channels": c(1280), "kernel": 1, "act": "swish"},
+        # torchvision: four times the last block's rounded width (1280 at width 1.0)
+        head={"out_channels": 4 * c(table[-1][3]), "kernel": 1, "act": "swish"},
         classifier={"dropout": 0.2},
     )
 
@@ -153,17 +155,99 @@ def shufflenet_v1(width: float = 1.0, num_classes: int = 1000, resolution: int =
     )
 
 
-def resnext50(width: float = 1.0, num_classes: int = 1000, resolution: int = 224) -> ArchSpec:
-    """ResNeXt-50 32x4d as in torchvision (25,028,904 parameters)."""
+# torchvision's stage widths (stem, three stages, head) at its four published widths
+_SHUFFLENET_V2 = {0.5: (24, 48, 96, 192, 1024), 1.0: (24, 116, 232, 464, 1024),
+                  1.5: (24, 176, 352, 704, 1024), 2.0: (24, 244, 488, 976, 2048)}
+
+
+def shufflenet_v2(width: float = 1.0, num_classes: int = 1000,
+                  resolution: int = 224) -> ArchSpec:
+    """ShuffleNet V2 (Ma et al. 2018) as torchvision's shufflenet_v2_x0_5 / x1_0 / x1_5 /
+    x2_0 (2,278,604 parameters at x1.0); other widths scale x1.0's stage widths to a
+    multiple of 4 and keep its 24-channel stem and 1024-channel head."""
+    if width in _SHUFFLENET_V2:
+        stem, *outs, head = _SHUFFLENET_V2[width]
+    else:
+        stem, head = 24, 1024
+        outs = [make_divisible(c * width, 4) for c in _SHUFFLENET_V2[1.0][1:4]]
+    stages = []
+    for out, n in zip(outs, (4, 8, 4), strict=True):
+        stages.append(_stage("shuffle_v2", 1, out_channels=out, stride=2))
+        stages.append(_stage("shuffle_v2", n - 1, out_channels=out))
+    return _spec(
+        f"shufflenet_v2@{width:g}", num_classes=num_classes, resolution=resolution,
+        stem={"out_channels": stem, "stride": 2}, stem_pool=True, stages=stages,
+        head={"out_channels": head, "kernel": 1},
+    )
+
+
+def _resnet(name: str, depths: tuple[int, ...], width: float, num_classes: int,
+            resolution: int) -> ArchSpec:
+    c = lambda n: make_divisible(n * width, 8)  # noqa: E731
+    stages = [_stage("basic", n, out_channels=c(o), stride=s)
+              for o, n, s in zip((64, 128, 256, 512), depths, (1, 2, 2, 2), strict=True)]
+    return _spec(f"{name}@{width:g}", num_classes=num_classes, resolution=resolution,
+                 stem={"out_channels": c(64), "kernel": 7, "stride": 2}, stem_pool=True,
+                 stages=stages)
+
+
+def resnet18(width: float = 1.0, num_classes: int = 1000, resolution: int = 224) -> ArchSpec:
+    """ResNet-18 as in torchvision (11,689,512 parameters): basic blocks, projection
+    shortcuts where the stride or the width changes."""
+    return _resnet("resnet18", (2, 2, 2, 2), width, num_classes, resolution)
+
+
+def resnet34(width: float = 1.0, num_classes: int = 1000, resolution: int = 224) -> ArchSpec:
+    """ResNet-34 as in torchvision (21,797,672 parameters)."""
+    return _resnet("resnet34", (3, 4, 6, 3), width, num_classes, resolution)
+
+
+def _resnext50(name: str, width: float, num_classes: int, resolution: int,
+               se: dict[str, Any] | None = None) -> ArchSpec:
     c = lambda n: make_divisible(n * width, 32)  # noqa: E731
     stages = [
         _stage("bottleneck", n, out_channels=c(p * 4), mid_channels=c(p * 2), groups=32,
-               stride=s)
+               stride=s, se=se)
         for p, n, s in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2))
     ]
-    return _spec(f"resnext50_32x4d@{width:g}", num_classes=num_classes, resolution=resolution,
+    return _spec(f"{name}@{width:g}", num_classes=num_classes, resolution=resolution,
                  stem={"out_channels": c(64), "kernel": 7, "stride": 2}, stem_pool=True,
                  stages=stages)
+
+
+def resnext50(width: float = 1.0, num_classes: int = 1000, resolution: int = 224) -> ArchSpec:
+    """ResNeXt-50 32x4d as in torchvision (25,028,904 parameters)."""
+    return _resnext50("resnext50_32x4d", width, num_classes, resolution)
+
+
+def se_resnext50(width: float = 1.0, num_classes: int = 1000,
+                 resolution: int = 224) -> ArchSpec:
+    """SE-ResNeXt-50 32x4d (Hu et al. 2018): ResNeXt-50 with squeeze-and-excitation
+    (reduction 16, ReLU, sigmoid) on every bottleneck's branch before the sum, as in the
+    authors' model and the pretrainedmodels port (27,559,896 parameters)."""
+    se = {"ratio": 1 / 16, "base": "mid", "divisor": 1, "act": "relu", "gate": "sigmoid"}
+    return _resnext50("se_resnext50_32x4d", width, num_classes, resolution, se)
+
+
+def xception(width: float = 1.0, num_classes: int = 1000, resolution: int = 299) -> ArchSpec:
+    """Xception (Chollet 2017) as the reference model (22,855,952 parameters at 299x299):
+    entry flow (two 3x3 convs, three strided blocks), middle flow (eight 728-wide blocks of
+    three separable convs), exit flow (a strided block, two separable conv-norm-act). The
+    two stem convs are 'same'-padded here (the reference pads neither), which changes the
+    feature-map sizes and the MACs, not the parameters."""
+    c = lambda n: make_divisible(n * width, 8)  # noqa: E731
+    xc = lambda out, reps, stride, **kw: _stage(  # noqa: E731
+        "xception", 1, out_channels=c(out), reps=reps, stride=stride, **kw)
+    stages = [
+        _stage("conv", 1, out_channels=c(64)),
+        xc(128, 2, 2, start_act=False), xc(256, 2, 2), xc(728, 2, 2),
+        {**xc(728, 3, 1), "repeats": 8},
+        xc(1024, 2, 2, grow_first=False),
+        _stage("sepconv", 1, out_channels=c(1536)),
+        _stage("sepconv", 1, out_channels=c(2048)),
+    ]
+    return _spec(f"xception@{width:g}", num_classes=num_classes, resolution=resolution,
+                 stem={"out_channels": c(32), "stride": 2}, stages=stages)
 
 
 PRESETS: dict[str, Callable[..., ArchSpec]] = {
@@ -174,7 +258,12 @@ PRESETS: dict[str, Callable[..., ArchSpec]] = {
     "mnasnet": mnasnet,
     "efficientnet_b0": efficientnet_b0,
     "shufflenet_v1": shufflenet_v1,
+    "shufflenet_v2": shufflenet_v2,
+    "resnet18": resnet18,
+    "resnet34": resnet34,
     "resnext50": resnext50,
+    "se_resnext50": se_resnext50,
+    "xception": xception,
 }
 
 

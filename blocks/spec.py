@@ -4,7 +4,9 @@ A network is ``stem -> stages -> head -> global average pool -> classifier``. A 
 one block kind repeated ``repeats`` times; the first repeat takes the stage's stride, the
 rest have stride 1 and take the stage's output width as input. Every numeric field is
 bounded, so a spec that would allocate absurd tensors is rejected by validation, before
-anything is built.
+anything is built. The block kinds come from the table :data:`blocks.kinds.KINDS`; fields
+that cannot change the built network are written at one canonical value on validation, so
+one network has one spec and one hash.
 
 Two serial forms, both exact:
 
@@ -112,12 +114,52 @@ class ArchSpec(_Strict):
     head: ConvLayer | None = None
     classifier: Classifier = Classifier()
 
+    @model_validator(mode="wrap")
+    @classmethod
+    def _canonical(cls, data: Any, handler: Any) -> ArchSpec:
+        """Validate, then write every field that cannot change the built network at its
+        one canonical value (docs/spec.md, "One network, one spec"): two specs of the same
+        network are equal and hash equal."""
+        spec = handler(data)
+        updates = spec._canonical_updates()
+        if not updates:
+            return spec
+        canonical = handler({**spec.model_dump(), **updates})
+        assert not canonical._canonical_updates(), "canonical form is not a fixed point"
+        return canonical
+
+    def _canonical_updates(self) -> dict[str, Any]:
+        updates: dict[str, Any] = {}
+        cin = self.stem.out_channels
+        stages, changed = [], False
+        for stage in self.stages:
+            block = stage.block
+            cout = block.out_channels
+            ins = (cin,) + (cout,) * (stage.repeats - 1)
+            data = block.model_dump()
+            new = {**data, **KINDS[block.kind].canonical(block, ins)}
+            changed |= new != data
+            stages.append({"block": new, "repeats": stage.repeats})
+            cin = cout
+        if changed:
+            updates["stages"] = stages
+        clf = self.classifier
+        default_act = Classifier.model_fields["hidden_act"].default
+        if clf.hidden is None and clf.hidden_act != default_act:  # no hidden layer to act
+            updates["classifier"] = {**clf.model_dump(), "hidden_act": default_act}
+        return updates
+
     # ---- serial forms -------------------------------------------------------------------
 
     def canonical_dict(self, include_name: bool = True) -> dict[str, Any]:
         data = self.model_dump(mode="json")
         if not include_name:
             data.pop("name", None)
+        for stage, dumped in zip(self.stages, data["stages"], strict=True):
+            block = stage.block
+            for name in block.added_fields:
+                if getattr(block, name) == type(block).model_fields[name].default:
+                    dumped["block"].pop(name)
         return data
 
     def canonical_json(self, include_name: bool = True) -> str:

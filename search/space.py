@@ -26,7 +26,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from blocks.shapes import resolve
 from blocks.spec import (
-    BLOCK_KINDS,
     MAX_CHANNELS,
     MAX_REPEATS,
     MAX_STAGES,
@@ -36,6 +35,9 @@ from blocks.spec import (
 )
 
 BUILTIN_SPACES = ("default", "mobilenet_v2")
+# The block kinds a design space may list: those _make_block knows how to sample and repair
+# (a subset of blocks.kinds.KINDS).
+SEARCH_KINDS = ("conv", "factorized", "spatial_sep", "ds", "mbconv", "bottleneck", "shuffle")
 
 GroupsChoice = int | Literal["dw"]
 
@@ -145,9 +147,9 @@ class StageSpace(Options):
         names = list(v)
         if not names:
             raise ValueError("give at least one block kind")
-        unknown = [k for k in names if k not in BLOCK_KINDS]
+        unknown = [k for k in names if k not in SEARCH_KINDS]
         if unknown:
-            raise ValueError(f"unknown block kind {unknown[0]!r}; known: {', '.join(BLOCK_KINDS)}")
+            raise ValueError(f"unknown block kind {unknown[0]!r}; known: {', '.join(SEARCH_KINDS)}")
         if isinstance(v, list) and len(set(v)) != len(v):
             raise ValueError("duplicate block kind")
         return v

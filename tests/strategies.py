@@ -74,7 +74,7 @@ def stages(draw, kind: str, cin: int, max_channels: int = 24,
         mid = groups * draw(st.integers(1, max(1, max_channels // (2 * groups))))
         cout = draw(st.one_of(st.just(cin), width))
         block.update(out_channels=cout, mid_channels=mid, groups=groups,
-                     dilation=draw(st.sampled_from([1, 2])))
+                     dilation=draw(st.sampled_from([1, 2])), se=_maybe_se(draw))
     elif kind == "shuffle":
         groups = draw(st.sampled_from(_divisors(cin, (1, 2, 3))))
         first = draw(st.sampled_from([None, 1]))
@@ -84,6 +84,19 @@ def stages(draw, kind: str, cin: int, max_channels: int = 24,
         else:
             cout = cin
         block.update(out_channels=cout, mid_channels=mid, groups=groups, first_groups=first)
+    elif kind == "basic":
+        block.update(out_channels=draw(st.one_of(st.just(cin), width)))
+    elif kind == "sepconv":
+        block.update(out_channels=draw(width))
+    elif kind == "xception":
+        block.update(out_channels=draw(st.one_of(st.just(cin), width)),
+                     reps=draw(st.integers(1, 3)), grow_first=draw(st.booleans()),
+                     start_act=draw(st.booleans()))
+    elif kind == "shuffle_v2":
+        if cin % 2:
+            stride = block["stride"] = 2  # stride 1 passes half the input through
+        cout = cin if stride == 1 else 2 * draw(st.integers(1, max_channels // 2))
+        block.update(out_channels=cout)
     else:  # pragma: no cover - a new kind must be added here
         raise ValueError(f"no strategy for block kind {kind!r}")
     return {"block": block, "repeats": repeats}

@@ -139,6 +139,8 @@ def test_show_accepts_compact_json_file_and_resolution(tmp_path):
           '"out_channels":8,"groups":4}}]}'), "stages[0].block.groups"),
         (("arch", "show", '{"stem":{"out_channels":6},"stages":[{"block":{"kind":"conv",'
           '"out_channels":99999}}]}'), "out_channels"),
+        (("arch", "show", "net_v1_r224,stem:cn_s2_c32,ir_e1.0_c16_a-relu7"),
+         "part 3 ('ir_e1.0_c16_a-relu7'): stages.0.block.mbconv.act: Input should be 'relu'"),
         (("arch", "export", "preset:mobilenet_v2", "-f", "json"), "--output/-o is required"),
         (("arch", "export", "preset:mobilenet_v2", "-o", "x.bin"), "cannot tell the format"),
     ],

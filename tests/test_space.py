@@ -12,8 +12,7 @@ from optuna.trial import FixedTrial
 
 from blocks.presets import preset
 from blocks.shapes import check_block, resolve
-from blocks.spec import BLOCK_KINDS
-from search.space import BUILTIN_SPACES, DesignSpace, SpaceError
+from search.space import BUILTIN_SPACES, SEARCH_KINDS, DesignSpace, SpaceError
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -38,7 +37,7 @@ def test_builtin_spaces_load_and_every_sample_resolves(name):
         assert spec.resolution in space.resolution
         kinds_seen.update(st.block.kind for st in spec.stages)
     if name == "default":
-        assert kinds_seen == set(BLOCK_KINDS)
+        assert kinds_seen == set(SEARCH_KINDS)
 
 
 def test_default_space_uses_every_block_family_and_variant():
@@ -61,7 +60,7 @@ def test_default_space_uses_every_block_family_and_variant():
                 seen.add("mbconv-se" if b.se else "mbconv-plain")
             if b.kind == "bottleneck" and b.groups > 1:
                 seen.add("bottleneck-grouped")
-    expected = set(BLOCK_KINDS) | {"conv-depthwise", "conv-grouped", "conv-dilated",
+    expected = set(SEARCH_KINDS) | {"conv-depthwise", "conv-grouped", "conv-dilated",
                                    "mbconv-se", "mbconv-plain", "bottleneck-grouped"}
     assert expected <= seen, expected - seen
 
@@ -105,7 +104,7 @@ def test_mobilenet_v2_is_a_point_of_the_mobilenet_v2_space():
     cin=st.integers(1, 96),
     width=st.sampled_from([8, 12, 16, 24, 40, 48, 72, 96]),
     stride=st.sampled_from([1, 2]),
-    kind=st.sampled_from(sorted(BLOCK_KINDS)),
+    kind=st.sampled_from(sorted(SEARCH_KINDS)),
     groups=st.sampled_from([1, 2, 3, 4, 8, 16, "dw"]),
     ratio=st.sampled_from([0.25, 0.5, 1.0]),
 )

@@ -9,7 +9,19 @@ do not make it) and add its ``KIND`` here (docs/spec.md, "Adding a block kind").
 
 from __future__ import annotations
 
-from blocks.kinds import bottleneck, conv, ds, factorized, mbconv, shuffle, spatial_sep
+from blocks.kinds import (
+    basic,
+    bottleneck,
+    conv,
+    ds,
+    factorized,
+    mbconv,
+    sepconv,
+    shuffle,
+    shuffle_v2,
+    spatial_sep,
+    xception,
+)
 from blocks.kinds.base import BlockKind
 
 KINDS: dict[str, BlockKind] = {
@@ -21,7 +33,11 @@ KINDS: dict[str, BlockKind] = {
         ds.KIND,
         mbconv.KIND,
         bottleneck.KIND,
+        basic.KIND,
+        xception.KIND,
+        sepconv.KIND,
         shuffle.KIND,
+        shuffle_v2.KIND,
     )
 }
 
