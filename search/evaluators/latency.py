@@ -448,7 +448,8 @@ def run_until_decided(cand: Prepared, ref: Prepared | None, budget: LatencyBudge
         if ref is not None:
             series["ratio"] = ratios
         reason = rule.update(series)
-        if reason is None and max_s is not None and time.perf_counter() - t0 >= max_s:
+        if (reason is None and max_s is not None and len(medians) >= budget.min_rounds
+                and time.perf_counter() - t0 >= max_s):
             reason = "max_rounds"
     attempt = Attempt(cand_all, ref_all, ratios, summarize(cand_all),
                       summarize(ref_all) if ref_all else None,
@@ -540,9 +541,11 @@ def measure_latency(spec: ArchSpec, settings: MeasureSettings,
             else:
                 max_rounds = default_max_rounds(budget, settings.rounds,
                                                 settings.min_run_time_s, MAX_ATTEMPTS)
-                # at most the time the fixed protocol may take (all its attempts)
-                max_s = (MAX_ATTEMPTS * settings.rounds * settings.min_run_time_s
-                         * (1 if ref is None else 2))
+                # at most the time the fixed protocol may take (all its attempts), or
+                # that of max_rounds nominal rounds where that is longer
+                per = 1 if ref is None else 2
+                max_s = per * max(MAX_ATTEMPTS * settings.rounds * settings.min_run_time_s,
+                                  max_rounds * budget.round_s)
                 attempt, stop = run_until_decided(cand, ref, budget, max_rounds,
                                                   max_s if budget.max_rounds is None else None)
                 attempts = [attempt]
