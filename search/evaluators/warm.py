@@ -24,7 +24,7 @@ The child dies with its parent: a watchdog thread exits when the parent process 
 (``getppid`` changes; ``PR_SET_PDEATHSIG`` would fire when the *thread* that started the
 child ends, and the worker starts evaluations from short-lived threads), and end of
 input on the task pipe ends it too. Its log lives in a temporary directory that
-:meth:`WarmEvaluator.close` removes.
+:meth:`WarmEvaluator.close` removes (or the child, when the parent died without closing).
 
 Protocol: one JSON line per task on the child's stdin (``{"task": EvalTask, "data_sources":
 ...}``), one JSON line of :class:`EvalOutcome` per task on a dedicated result pipe
@@ -72,7 +72,7 @@ class _Child:
         self.log_path = data_dir / f"child-{index}.log"
         read_fd, write_fd = os.pipe()
         cmd = [sys.executable, "-m", "search.evaluators.warm", "--child", str(write_fd),
-               str(os.getpid())]
+               str(os.getpid()), str(data_dir)]
         self.log = open(self.log_path, "wb")  # noqa: SIM115 - lives as long as the child
         try:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=self.log,
@@ -316,10 +316,13 @@ class WarmEvaluator:
 # ---- the child process ----------------------------------------------------------------------
 
 
-def _watch_parent(parent_pid: int) -> None:
+def _watch_parent(parent_pid: int, data_dir: str) -> None:
+    """Exit when the parent is gone, removing the directory it can no longer remove."""
+
     def watch() -> None:
         while True:
             if os.getppid() != parent_pid:
+                shutil.rmtree(data_dir, ignore_errors=True)
                 os._exit(0)
             time.sleep(_PARENT_POLL_S)
 
@@ -380,13 +383,13 @@ class _MemoryCeiling:
             time.sleep(0.05)
 
 
-def child_main(result_fd: int, parent_pid: int) -> int:
+def child_main(result_fd: int, parent_pid: int, data_dir: str) -> int:
     """Entry point of the warm child: tasks from stdin until end of input."""
     import resource
 
     with contextlib.suppress(ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    _watch_parent(parent_pid)
+    _watch_parent(parent_pid, data_dir)
     out = os.fdopen(result_fd, "w", encoding="utf-8")
     write_lock = threading.Lock()
 
@@ -432,13 +435,21 @@ def child_main(result_fd: int, parent_pid: int) -> int:
                 "reason": "out_of_memory", "message": "out of memory writing the result"}})
         ceiling.lift()
         write_result(text)
+    # End of input: the parent closed the pipe (it kills this process next) or died (then
+    # it is reparented in a moment, and the directory is this process's to remove).
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline:
+        if os.getppid() != parent_pid:
+            shutil.rmtree(data_dir, ignore_errors=True)
+            break
+        time.sleep(0.02)
     return 0
 
 
 def _main(argv: list[str]) -> int:
-    if len(argv) == 3 and argv[0] == "--child":
-        return child_main(int(argv[1]), int(argv[2]))
-    print("usage: python -m search.evaluators.warm --child RESULT_FD PARENT_PID",
+    if len(argv) == 4 and argv[0] == "--child":
+        return child_main(int(argv[1]), int(argv[2]), argv[3])
+    print("usage: python -m search.evaluators.warm --child RESULT_FD PARENT_PID DIR",
           file=sys.stderr)
     return 2
 
