@@ -383,6 +383,18 @@ class _MemoryCeiling:
             time.sleep(0.05)
 
 
+def _preload_deterministic() -> None:
+    """Switching deterministic algorithms on (as quality evaluations do) imports torch's
+    compiler modules the first time: seconds, and hundreds of modules. Pay it at start-up,
+    not in the first task."""
+    import torch
+
+    previous = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.use_deterministic_algorithms(previous, warn_only=warn_only)
+
+
 def child_main(result_fd: int, parent_pid: int, data_dir: str) -> int:
     """Entry point of the warm child: tasks from stdin until end of input."""
     import resource
@@ -404,6 +416,7 @@ def child_main(result_fd: int, parent_pid: int, data_dir: str) -> int:
     allocator.apply()
     # torch, blocks, the evaluators and torch's thread pool, before the first task arrives
     runner._preload(EvalTask(spec={}, quality=QualitySettings()))
+    _preload_deterministic()
     latency.enable_reference_reuse()
     ceiling = _MemoryCeiling(write_result)
     for line in sys.stdin:
