@@ -163,6 +163,7 @@ class WarmEvaluator:
         self._spawned = 0
         self._lock = threading.Lock()
         self._closed = False
+        self._aborting: _Child | None = None
         self.children_started = 0
 
     # ---- lifetime ---------------------------------------------------------------------
@@ -183,6 +184,16 @@ class WarmEvaluator:
     def __del__(self):  # pragma: no cover - a safety net; close() is the contract
         with contextlib.suppress(Exception):
             self.close()
+
+    def abort(self) -> None:
+        """Kill the child now, from any thread: an evaluation in flight returns at once
+        with ``crashed`` (for a caller that abandons it: a lost lease, a stop without
+        grace). The next task gets a fresh child."""
+        child = self._child
+        if child is not None:
+            self._aborting = child
+            with contextlib.suppress(ProcessLookupError, PermissionError, OSError):
+                os.killpg(child.proc.pid, signal.SIGKILL)
 
     def _retire(self) -> None:
         if self._child is not None:
@@ -283,6 +294,11 @@ class WarmEvaluator:
             return EvalOutcome(ok=False, failure=Failure(
                 reason="timeout",
                 message=f"no result after {task.timeout_s:g} s; the evaluation was killed"))
+        if line == b"" and self._aborting is child:
+            self._aborting = None
+            self._retire()
+            return EvalOutcome(ok=False, failure=Failure(
+                reason="crashed", message="the evaluation was aborted by its caller"))
         if line == b"":
             with contextlib.suppress(subprocess.TimeoutExpired):
                 child.proc.wait(timeout=10)
