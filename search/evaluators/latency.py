@@ -51,7 +51,7 @@ BLOCK_TARGET_CUDA_S = 5e-3
 WARMUP_MIN_CALLS = 3
 MAX_ATTEMPTS = 3  # the first measurement plus up to two more when the spread is too wide
 LOAD_SAMPLE_S = 0.25
-LOAD_SAMPLE_BUDGET_S = 0.1  # budget-aware: the thread choice needs no more (README figures)
+LOAD_SAMPLE_BUDGET_S = 0.1  # budget-aware: still resolves other processes to 0.1 core
 ONNX_OPSET = 17
 
 # A long-lived evaluator process keeps the prepared reference network between tasks
