@@ -126,22 +126,24 @@ def test_warm_child_dies_with_its_parent(tmp_path):
         "measure=MeasureSettings(resolution=32, min_run_time_s=0.02, rounds=3, threads=1, "
         "reference=None))\n"
         "assert w(t).ok\n"
-        "print(w.child_pid, flush=True)\n"
+        "print(w._dir, w.child_pid, flush=True)\n"
         "os._exit(0)\n"  # no close(): the parent vanishes
     )
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=180, env=env, check=True)
-    pid = int(out.stdout.split()[-1])
+    tmp, pid = out.stdout.split()[-2], int(out.stdout.split()[-1])
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         try:
             if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return
+                break
         except psutil.NoSuchProcess:
-            return
+            break
         threading.Event().wait(0.05)  # polling for the process to go, not for time
-    raise AssertionError("the warm child outlived its parent")
+    else:
+        raise AssertionError("the warm child outlived its parent")
+    assert not os.path.exists(tmp)  # and took its temporary directory with it
 
 
 def test_warm_and_one_shot_agree_within_their_spread():
@@ -163,3 +165,25 @@ def test_warm_and_one_shot_agree_within_their_spread():
         ra, rb = a.latency.ratio_to_reference, b.latency.ratio_to_reference
         assert abs(ra.median - rb.median) <= ra.iqr + rb.iqr, (ra, rb)
         assert a.latency.device["allocator"] == b.latency.device["allocator"]
+
+
+def test_abort_from_another_thread_ends_the_evaluation_in_flight():
+    """What a worker does when its lease is lost: the evaluation returns at once, and the
+    next task gets a fresh child."""
+    hang = tiny_task(measure=FAST.model_copy(update={"min_run_time_s": 30.0}),
+                     timeout_s=120.0)
+    with WarmEvaluator(prespawn=False) as w:
+        result = {}
+        thread = threading.Thread(target=lambda: result.update(out=w(hang)))
+        thread.start()
+        _wait_for_child("warm --child")
+        while w.child_pid is None:
+            threading.Event().wait(0.02)  # polling for the child to be registered
+        t0 = time.monotonic()
+        w.abort()
+        thread.join(30)
+        assert time.monotonic() - t0 < 10
+        out = result["out"]
+        assert out.failure.reason == "crashed" and "aborted" in out.failure.message
+        nxt = w(tiny_task())
+        assert nxt.ok and nxt.evaluator.fresh

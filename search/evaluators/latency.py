@@ -50,7 +50,7 @@ BLOCK_TARGET_CUDA_S = 5e-3
 WARMUP_MIN_CALLS = 3
 MAX_ATTEMPTS = 3  # the first measurement plus up to two more when the spread is too wide
 LOAD_SAMPLE_S = 0.25
-LOAD_SAMPLE_BUDGET_S = 0.1  # budget-aware: the thread choice needs no more (README figures)
+LOAD_SAMPLE_BUDGET_S = 0.1  # budget-aware: still resolves other processes to 0.1 core
 
 # A long-lived evaluator process keeps the prepared reference network between tasks
 # (still timed interleaved with each candidate); None: prepare it for every measurement.
@@ -386,10 +386,13 @@ def round_intervals(a: Attempt, confidence: float = 0.95) -> dict[str, tuple[flo
 
 
 def run_until_decided(cand: Prepared, ref: Prepared | None, budget: LatencyBudget,
-                      max_rounds: int) -> tuple[Attempt, StopInfo]:
+                      max_rounds: int, max_s: float | None = None) -> tuple[Attempt, StopInfo]:
     """Short rounds (``budget.round_s`` per model) until :class:`StoppingRule` says the
-    decision is clear, or ``max_rounds``. The series it judges: per-round ratios (ratio
-    budget) and per-round candidate medians (ms budget)."""
+    decision is clear, or ``max_rounds`` (or ``max_s`` seconds of rounds: a round lasts a
+    little longer than ``round_s`` when a block of a slow model overshoots it). The
+    series it judges: per-round ratios (ratio budget) and per-round candidate medians
+    (ms budget). Stopping at the time cap decides nothing early: it ends as
+    ``max_rounds``."""
     rule = StoppingRule(budget, max_rounds)
     rng = random.Random(0)
     cand_all: list[float] = []
@@ -397,6 +400,7 @@ def run_until_decided(cand: Prepared, ref: Prepared | None, budget: LatencyBudge
     ratios: list[float] = []
     medians: list[float] = []
     reason = None
+    t0 = time.perf_counter()
     while reason is None:
         if ref is None:
             c = timed_round(cand, budget.round_s)
@@ -410,6 +414,9 @@ def run_until_decided(cand: Prepared, ref: Prepared | None, budget: LatencyBudge
         if ref is not None:
             series["ratio"] = ratios
         reason = rule.update(series)
+        if (reason is None and max_s is not None and len(medians) >= budget.min_rounds
+                and time.perf_counter() - t0 >= max_s):
+            reason = "max_rounds"
     attempt = Attempt(cand_all, ref_all, ratios, summarize(cand_all),
                       summarize(ref_all) if ref_all else None,
                       summarize(ratios) if ratios else None, medians)
@@ -500,7 +507,13 @@ def measure_latency(spec: ArchSpec, settings: MeasureSettings,
             else:
                 max_rounds = default_max_rounds(budget, settings.rounds,
                                                 settings.min_run_time_s, MAX_ATTEMPTS)
-                attempt, stop = run_until_decided(cand, ref, budget, max_rounds)
+                # at most the time the fixed protocol may take (all its attempts), or
+                # that of max_rounds nominal rounds where that is longer
+                per = 1 if ref is None else 2
+                max_s = per * max(MAX_ATTEMPTS * settings.rounds * settings.min_run_time_s,
+                                  max_rounds * budget.round_s)
+                attempt, stop = run_until_decided(cand, ref, budget, max_rounds,
+                                                  max_s if budget.max_rounds is None else None)
                 attempts = [attempt]
             during = window.stop()
     t_after = time.perf_counter()

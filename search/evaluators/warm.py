@@ -24,7 +24,7 @@ The child dies with its parent: a watchdog thread exits when the parent process 
 (``getppid`` changes; ``PR_SET_PDEATHSIG`` would fire when the *thread* that started the
 child ends, and the worker starts evaluations from short-lived threads), and end of
 input on the task pipe ends it too. Its log lives in a temporary directory that
-:meth:`WarmEvaluator.close` removes.
+:meth:`WarmEvaluator.close` removes (or the child, when the parent died without closing).
 
 Protocol: one JSON line per task on the child's stdin (``{"task": EvalTask, "data_sources":
 ...}``), one JSON line of :class:`EvalOutcome` per task on a dedicated result pipe
@@ -72,7 +72,7 @@ class _Child:
         self.log_path = data_dir / f"child-{index}.log"
         read_fd, write_fd = os.pipe()
         cmd = [sys.executable, "-m", "search.evaluators.warm", "--child", str(write_fd),
-               str(os.getpid())]
+               str(os.getpid()), str(data_dir)]
         self.log = open(self.log_path, "wb")  # noqa: SIM115 - lives as long as the child
         try:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=self.log,
@@ -163,6 +163,7 @@ class WarmEvaluator:
         self._spawned = 0
         self._lock = threading.Lock()
         self._closed = False
+        self._aborting: _Child | None = None
         self.children_started = 0
 
     # ---- lifetime ---------------------------------------------------------------------
@@ -183,6 +184,16 @@ class WarmEvaluator:
     def __del__(self):  # pragma: no cover - a safety net; close() is the contract
         with contextlib.suppress(Exception):
             self.close()
+
+    def abort(self) -> None:
+        """Kill the child now, from any thread: an evaluation in flight returns at once
+        with ``crashed`` (for a caller that abandons it: a lost lease, a stop without
+        grace). The next task gets a fresh child."""
+        child = self._child
+        if child is not None:
+            self._aborting = child
+            with contextlib.suppress(ProcessLookupError, PermissionError, OSError):
+                os.killpg(child.proc.pid, signal.SIGKILL)
 
     def _retire(self) -> None:
         if self._child is not None:
@@ -283,6 +294,11 @@ class WarmEvaluator:
             return EvalOutcome(ok=False, failure=Failure(
                 reason="timeout",
                 message=f"no result after {task.timeout_s:g} s; the evaluation was killed"))
+        if line == b"" and self._aborting is child:
+            self._aborting = None
+            self._retire()
+            return EvalOutcome(ok=False, failure=Failure(
+                reason="crashed", message="the evaluation was aborted by its caller"))
         if line == b"":
             with contextlib.suppress(subprocess.TimeoutExpired):
                 child.proc.wait(timeout=10)
@@ -316,10 +332,13 @@ class WarmEvaluator:
 # ---- the child process ----------------------------------------------------------------------
 
 
-def _watch_parent(parent_pid: int) -> None:
+def _watch_parent(parent_pid: int, data_dir: str) -> None:
+    """Exit when the parent is gone, removing the directory it can no longer remove."""
+
     def watch() -> None:
         while True:
             if os.getppid() != parent_pid:
+                shutil.rmtree(data_dir, ignore_errors=True)
                 os._exit(0)
             time.sleep(_PARENT_POLL_S)
 
@@ -380,13 +399,25 @@ class _MemoryCeiling:
             time.sleep(0.05)
 
 
-def child_main(result_fd: int, parent_pid: int) -> int:
+def _preload_deterministic() -> None:
+    """Switching deterministic algorithms on (as quality evaluations do) imports torch's
+    compiler modules the first time: seconds, and hundreds of modules. Pay it at start-up,
+    not in the first task."""
+    import torch
+
+    previous = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.use_deterministic_algorithms(previous, warn_only=warn_only)
+
+
+def child_main(result_fd: int, parent_pid: int, data_dir: str) -> int:
     """Entry point of the warm child: tasks from stdin until end of input."""
     import resource
 
     with contextlib.suppress(ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    _watch_parent(parent_pid)
+    _watch_parent(parent_pid, data_dir)
     out = os.fdopen(result_fd, "w", encoding="utf-8")
     write_lock = threading.Lock()
 
@@ -401,6 +432,7 @@ def child_main(result_fd: int, parent_pid: int) -> int:
     allocator.apply()
     # torch, blocks, the evaluators and torch's thread pool, before the first task arrives
     runner._preload(EvalTask(spec={}, quality=QualitySettings()))
+    _preload_deterministic()
     latency.enable_reference_reuse()
     ceiling = _MemoryCeiling(write_result)
     for line in sys.stdin:
@@ -432,13 +464,21 @@ def child_main(result_fd: int, parent_pid: int) -> int:
                 "reason": "out_of_memory", "message": "out of memory writing the result"}})
         ceiling.lift()
         write_result(text)
+    # End of input: the parent closed the pipe (it kills this process next) or died (then
+    # it is reparented in a moment, and the directory is this process's to remove).
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline:
+        if os.getppid() != parent_pid:
+            shutil.rmtree(data_dir, ignore_errors=True)
+            break
+        time.sleep(0.02)
     return 0
 
 
 def _main(argv: list[str]) -> int:
-    if len(argv) == 3 and argv[0] == "--child":
-        return child_main(int(argv[1]), int(argv[2]))
-    print("usage: python -m search.evaluators.warm --child RESULT_FD PARENT_PID",
+    if len(argv) == 4 and argv[0] == "--child":
+        return child_main(int(argv[1]), int(argv[2]), argv[3])
+    print("usage: python -m search.evaluators.warm --child RESULT_FD PARENT_PID DIR",
           file=sys.stderr)
     return 2
 
