@@ -179,8 +179,8 @@ class SearchConfig(_Model):
             try:
                 self.space.locate(spec)
             except SpaceError as exc:
-                raise ValueError(f"seed spec {i + 1} ({spec.to_compact()[:80]}) is outside "
-                                 f"the space: {exc}") from None
+                raise ValueError(f"seed spec {i + 1} ({spec.to_compact()[:80]}): {exc}"
+                                 ) from None
         return self
 
     @property
