@@ -316,7 +316,7 @@ def _run_search(config: SearchConfig, storage: str, study_name: str, out: Path,
     predictor = PredictorStore(cache.engine)
     driver = SearchDriver.open(storage, study_name, config, cache, mode="local",
                                owner=process_owner(), predictor=predictor)
-    resumed = len(driver.trials()) > 0
+    resumed = any(t.state != TrialState.WAITING for t in driver.trials())  # not enqueued
     stale = driver.fail_stale(driver.stale_local_trials(), reason="interrupted",
                               message="the search process stopped before this trial finished")
     bar = _Progress(progress, config.trials, driver.n_finished(), console)

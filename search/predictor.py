@@ -63,13 +63,26 @@ from blocks.spec import (
 KINDS = ("stem", "conv", "factorized", "spatial_sep", "ds", "mbconv", "bottleneck", "shuffle",
          "head", "classifier")
 FEATURE_NAMES: tuple[str, ...] = (
-    "const", "dw.macs", "dw.bytes", "se.n", "hswish.bytes",
+    "const", "dw.k3.macs", "dw.k5.macs", "dw.k7.macs", "dw.bytes", "grouped.macs",
+    "dilated.macs", "se.n", "se.bytes", "hswish.bytes",
     *(f"{k}.{f}" for k in KINDS for f in ("macs", "bytes", "n")),
 )
 STATE_VERSION = 1
 RECENT_WINDOW = 30
 
 # ---- features --------------------------------------------------------------------------
+
+
+def _grouped_macs(block: Any, macs: int, dw_macs: int, out_hw: tuple[int, int]) -> int:
+    """MACs of a block's grouped (not depthwise) convolutions: slow per MAC on CPUs."""
+    if isinstance(block, ConvBlock) and block.groups > 1 and not dw_macs:
+        return macs
+    if isinstance(block, BottleneckBlock) and block.groups > 1 and not dw_macs:
+        mid, k = block.mid_channels, block.kernel
+        return out_hw[0] * out_hw[1] * mid * (mid // block.groups) * k * k
+    if isinstance(block, ShuffleBlock) and block.groups > 1:
+        return macs - dw_macs
+    return 0
 
 
 def _dw_part(block: Any, cin: int, out_hw: tuple[int, int]) -> tuple[int, int]:
@@ -108,11 +121,18 @@ def spec_features(spec, resolution: int | None = None, batch: int = 1,
         if rb is not None:
             block = rb.block
             dw_macs, dw_elems = _dw_part(block, rb.in_channels, rb.out_hw)
-            macs -= dw_macs
-            f["dw.macs"] += dw_macs / 1e6
+            grouped = _grouped_macs(block, row.macs, dw_macs, rb.out_hw)
+            macs -= dw_macs + grouped
+            if dw_macs:
+                k = 3 if block.kernel <= 3 else 5 if block.kernel <= 5 else 7
+                f[f"dw.k{k}.macs"] += dw_macs / 1e6
             f["dw.bytes"] += dw_elems * dtype_bytes / 1e6
+            f["grouped.macs"] += grouped / 1e6
+            if getattr(block, "dilation", 1) > 1:
+                f["dilated.macs"] += row.macs / 1e6
             if getattr(block, "se", None) is not None:
                 f["se.n"] += 1
+                f["se.bytes"] += bytes_ / 1e6
             if getattr(block, "act", None) == "hswish":
                 f["hswish.bytes"] += bytes_ / 1e6
         f[f"{kind}.macs"] += macs / 1e6

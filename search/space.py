@@ -377,10 +377,11 @@ class DesignSpace(_Model):
                                   ("classifier.dropout", self.dropout, spec.classifier.dropout),
                                   ("classifier.hidden", None, spec.classifier.hidden)):
             if want != have:
-                raise SpaceError(f"{field} is {have!r}; the space {self.name!r} has {want!r}")
+                raise SpaceError(f"not a point of the space {self.name!r}: {field} is "
+                                 f"{have!r}, the space's is {want!r}")
         if spec.resolution not in self.resolution:
-            raise SpaceError(f"resolution {spec.resolution} is not one of the space's "
-                             f"{self.resolution}")
+            raise SpaceError(f"not a point of the space {self.name!r}: resolution "
+                             f"{spec.resolution} is not one of {self.resolution}")
         for mult in self.width_mult:
             try:
                 params = self._locate_at(spec, mult)

@@ -180,8 +180,8 @@ class SearchConfig(_Model):
             try:
                 self.space.locate(spec)
             except SpaceError as exc:
-                raise ValueError(f"seed spec {i + 1} ({spec.to_compact()[:80]}) is outside "
-                                 f"the space: {exc}") from None
+                raise ValueError(f"seed spec {i + 1} ({spec.to_compact()[:80]}): {exc}"
+                                 ) from None
         return self
 
     @property
@@ -423,45 +423,139 @@ def write_trial_attrs(study: optuna.Study, trial: optuna.trial.Trial,
                       constraints: dict[str, float] | None = None) -> None:
     """Set a trial's user attributes and constraints in one transaction.
 
-    ``Trial.set_user_attr`` / ``set_constraint`` commit once each: 30-100 commits per
-    candidate, 3-30 ms apiece on a loaded database. On an RDB storage this writes the same
-    rows (what optuna-dashboard and ``Trial.user_attrs`` / ``constraints`` read) through
-    the storage's own session, committed once; on any other storage (or should Optuna's
-    internals change) it falls back to one call per attribute."""
+    ``Trial.set_user_attr`` / ``set_constraint`` commit once each (and look the trial up
+    once each): 30-100 commits per candidate, 3-30 ms apiece on a loaded database. On an
+    RDB storage this writes the same rows (what optuna-dashboard and
+    ``Trial.user_attrs`` / ``constraints`` read) in one transaction: the trial is checked
+    once, then one multi-row upsert per table (SQLite, PostgreSQL) or one row at a time in
+    the same session (other databases). Should Optuna's internals change, or for other
+    storages, it falls back to one call per attribute."""
     constraints = constraints or {}
     for name, value in constraints.items():
         if math.isnan(float(value)):
             raise ValueError(f"constraint {name!r} is NaN")
-    storage = study._storage
-    backend = getattr(storage, "_backend", storage)
-    batched = False
+    backend = getattr(study._storage, "_backend", study._storage)
+    done = False
     if isinstance(backend, optuna.storages.RDBStorage):
         try:
+            _write_rdb_attrs(backend, trial._trial_id, user_attrs, constraints)
+            done = True
+        except (ImportError, AttributeError):
+            done = False
+    if done:
+        from optuna.trial._trial import _CONSTRAINTS_KEY
+
+        cached = trial._cached_frozen_trial
+        cached.user_attrs.update(user_attrs)
+        cached.system_attrs.update({f"{_CONSTRAINTS_KEY}:{k}": float(v)
+                                    for k, v in constraints.items()})
+        return
+    for key, value in user_attrs.items():
+        trial.set_user_attr(key, value)
+    for name, value in constraints.items():
+        trial.set_constraint(name, value)
+
+
+def _write_rdb_attrs(backend: optuna.storages.RDBStorage, trial_id: int,
+                     user_attrs: dict[str, Any], constraints: dict[str, float]) -> None:
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+    from optuna.trial._trial import _CONSTRAINTS_KEY
+
+    system = {f"{_CONSTRAINTS_KEY}:{k}": float(v) for k, v in constraints.items()}
+    dialect = backend.engine.name
+    with _create_scoped_session(backend.scoped_session, True) as session:
+        row = models.TrialModel.find_or_raise_by_id(trial_id, session)
+        backend.check_trial_is_updatable(trial_id, row.state)
+        for model, attrs in ((models.TrialUserAttributeModel, user_attrs),
+                             (models.TrialSystemAttributeModel, system)):
+            if not attrs:
+                continue
+            values = [{"trial_id": trial_id, "key": k, "value_json": json.dumps(v)}
+                      for k, v in attrs.items()]
+            if dialect in ("sqlite", "postgresql"):
+                if dialect == "sqlite":
+                    from sqlalchemy.dialects.sqlite import insert
+                else:
+                    from sqlalchemy.dialects.postgresql import insert
+                stmt = insert(model).values(values)
+                stmt = stmt.on_conflict_do_update(
+                    index_elements=[model.trial_id, model.key],
+                    set_={"value_json": stmt.excluded.value_json})
+                session.execute(stmt)
+            else:
+                for key, value in attrs.items():
+                    backend._set_trial_attr_without_commit(session, model, trial_id, key,
+                                                           value)
+
+
+class _DeferredParams:
+    """Stands in for a trial's storage while the space samples it: parameter writes (one
+    commit each in Optuna) are kept, then written in one transaction by
+    :func:`write_trial_params`. The sampler reads the other trials as before; the trial
+    itself reads its parameters from its own cached copy."""
+
+    def __init__(self, storage: Any):
+        self._storage = storage
+        self.params: list[tuple[str, float, Any]] = []
+
+    def set_trial_param(self, trial_id: int, name: str, value: float, distribution: Any
+                        ) -> None:
+        self.params.append((name, value, distribution))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._storage, name)
+
+
+def sample_deferred(space: DesignSpace, study: optuna.Study, trial: optuna.trial.Trial
+                    ) -> ArchSpec:
+    """``space.sample(trial)`` with the parameters written in one transaction."""
+    real = trial.storage
+    deferred = _DeferredParams(real)
+    trial.storage = deferred
+    try:
+        spec = space.sample(trial)
+    finally:
+        trial.storage = real
+        write_trial_params(study, trial, deferred.params)
+    return spec
+
+
+def write_trial_params(study: optuna.Study, trial: optuna.trial.Trial,
+                       params: list[tuple[str, float, Any]]) -> None:
+    """Write sampled parameters (internal representation) in one transaction, checking
+    each against the distribution the study already has for it, as Optuna does."""
+    if not params:
+        return
+    backend = getattr(study._storage, "_backend", study._storage)
+    if isinstance(backend, optuna.storages.RDBStorage):
+        try:
+            from optuna import distributions
             from optuna.storages._rdb import models
             from optuna.storages._rdb.storage import _create_scoped_session
-            from optuna.trial._trial import _CONSTRAINTS_KEY
-
-            set_attr = backend._set_trial_attr_without_commit
-        except (ImportError, AttributeError):
+        except ImportError:
             pass
         else:
-            system = {f"{_CONSTRAINTS_KEY}:{k}": float(v) for k, v in constraints.items()}
             with _create_scoped_session(backend.scoped_session, True) as session:
-                for key, value in user_attrs.items():
-                    set_attr(session, models.TrialUserAttributeModel, trial._trial_id, key,
-                             value)
-                for key, value in system.items():
-                    set_attr(session, models.TrialSystemAttributeModel, trial._trial_id, key,
-                             value)
-            cached = trial._cached_frozen_trial
-            cached.user_attrs.update(user_attrs)
-            cached.system_attrs.update(system)
-            batched = True
-    if not batched:
-        for key, value in user_attrs.items():
-            trial.set_user_attr(key, value)
-        for name, value in constraints.items():
-            trial.set_constraint(name, value)
+                row = models.TrialModel.find_or_raise_by_id(trial._trial_id, session)
+                backend.check_trial_is_updatable(trial._trial_id, row.state)
+                given = {name: dist for name, _, dist in params}
+                seen = (session.query(models.TrialParamModel.param_name,
+                                      models.TrialParamModel.distribution_json)
+                        .join(models.TrialModel)
+                        .filter(models.TrialModel.study_id == row.study_id)
+                        .filter(models.TrialParamModel.param_name.in_(list(given)))
+                        .distinct())
+                for name, dist_json in seen:
+                    distributions.check_distribution_compatibility(
+                        distributions.json_to_distribution(dist_json), given[name])
+                session.add_all([models.TrialParamModel(
+                    trial_id=trial._trial_id, param_name=name, param_value=value,
+                    distribution_json=distributions.distribution_to_json(dist))
+                    for name, value, dist in params])
+            return
+    for name, value, dist in params:
+        trial.storage.set_trial_param(trial._trial_id, name, value, dist)
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -663,7 +757,7 @@ class SearchDriver:
         trial = self.study.ask()
         number = trial.number
         try:
-            spec = self.config.space.sample(trial)
+            spec = sample_deferred(self.config.space, self.study, trial)
             cost = self.cost(spec)
         except Exception as exc:
             # The space's repairs make this unreachable (tests/test_space.py); if a

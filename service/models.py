@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -202,3 +203,30 @@ class Measurement(Base):
     source_job_id: Mapped[str | None] = mapped_column(String(32), default=None)
     hits: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(default=_now)
+
+
+class PredictorObservation(Base):
+    """What the per-target latency predictor learned from (search/predictor.py owns the
+    layout): one measured spec per target key (target + measurement settings)."""
+
+    __tablename__ = "fitnas_predictor_observations"
+
+    target_key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    spec_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    target: Mapped[str] = mapped_column(String(100), index=True)
+    features: Mapped[str] = mapped_column(Text)
+    ratio: Mapped[float | None] = mapped_column(Float, default=None)
+    ms: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class PredictorStateRow(Base):
+    """The fitted predictor of one target key and its bookkeeping (JSON)."""
+
+    __tablename__ = "fitnas_predictors"
+
+    target_key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    target: Mapped[str] = mapped_column(String(100), index=True)
+    n: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(Text)
+    refit_at: Mapped[float | None] = mapped_column(Float, default=None)

@@ -42,7 +42,7 @@ def test_upgrade_from_empty_no_drift_and_optuna_coexists(db_url):
 
     migrations.upgrade(db_url)
     head = migrations.head_revision()
-    assert migrations.current_revision(db_url) == head == "0001"
+    assert migrations.current_revision(db_url) == head == "0002"
     migrations.check(db_url)  # raises on any drift between models and migrations
 
     tables = _tables(db_url)
@@ -91,12 +91,12 @@ def test_cli_db_upgrade_and_admin(tmp_path, monkeypatch):
     monkeypatch.setenv("FITNAS_DATABASE_URL", url)
     runner = CliRunner()
     r = runner.invoke(app, ["db", "current"])
-    assert r.exit_code == 0 and "database none, code 0001" in r.output
+    assert r.exit_code == 0 and "database none, code 0002" in r.output
     r = runner.invoke(app, ["db", "upgrade"])
     assert r.exit_code == 0, r.output
-    assert "upgraded from empty to 0001" in r.output
+    assert "upgraded from empty to 0002" in r.output
     r = runner.invoke(app, ["db", "upgrade"])
-    assert r.exit_code == 0 and "already at 0001" in r.output
+    assert r.exit_code == 0 and "already at 0002" in r.output
 
     r = runner.invoke(app, ["admin", "create-key", "--name", "alice"])
     assert r.exit_code == 0, r.output
@@ -136,3 +136,21 @@ def test_serve_refuses_an_old_postgres_schema_and_bad_urls(monkeypatch):
     assert r.exit_code == 2
     assert r.output.startswith("error: cannot reach the database")
     assert "Traceback" not in r.output
+
+
+def test_the_service_database_holds_the_latency_predictor(migrated_url):
+    """The migration creates the tables search/predictor.py reads and writes: a store on
+    the service's database works without creating anything."""
+    from blocks.presets import preset
+    from search.predictor import PredictorPolicy, PredictorStore, spec_features
+
+    store = PredictorStore(migrated_url, create=False)
+    try:
+        for i, width in enumerate((0.35, 0.5, 0.75, 1.0)):
+            spec = preset("mobilenet_v2", width)
+            store.add("key", "cpu-a", spec.hash, spec_features(spec), 0.5 + i, 5.0 + i)
+        st = store.refit("key", "cpu-a", PredictorPolicy())
+        assert st.n == 4 and [s.n for s in store.states("cpu-a")] == [4]
+    finally:
+        store.close()
+    migrations.check(migrated_url)

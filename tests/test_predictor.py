@@ -43,8 +43,8 @@ ROOT = Path(__file__).resolve().parents[1]
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 # a latency that is additive in the features, as a device's roughly is
-TRUE = {"const": 0.05, "dw.macs": 0.004, "mbconv.macs": 0.002, "mbconv.n": 0.01,
-        "ds.macs": 0.003, "ds.n": 0.008, "stem.macs": 0.002, "head.macs": 0.001,
+TRUE = {"const": 0.05, "dw.k3.macs": 0.004, "dw.k5.macs": 0.003, "mbconv.macs": 0.002,
+        "mbconv.n": 0.01, "ds.macs": 0.003, "ds.n": 0.008, "stem.macs": 0.002, "head.macs": 0.001,
         "classifier.macs": 0.001, "mbconv.bytes": 0.01, "ds.bytes": 0.01}
 
 SPACE = {
@@ -80,14 +80,14 @@ def test_features_are_the_cost_models_figures_split_by_operation():
     f = spec_features(spec)
     assert list(f) == list(FEATURE_NAMES)
     cost = estimate_cost(spec)
-    # every MAC is counted once: dense per kind plus depthwise
-    dense = sum(v for k, v in f.items() if k.endswith(".macs") and k != "dw.macs")
-    assert (dense + f["dw.macs"]) * 1e6 == pytest.approx(cost.macs)
+    # every MAC is counted once: dense per kind, grouped, depthwise per kernel size
+    parts = [k for k in f if k.endswith(".macs") and k != "dilated.macs"]
+    assert sum(f[k] for k in parts) * 1e6 == pytest.approx(cost.macs)
     assert f["mbconv.n"] == 17 and f["stem.n"] == 1 and f["head.n"] == 1
-    assert f["dw.macs"] > 0
+    assert f["dw.k3.macs"] > 0 and f["dw.k5.macs"] == 0 and f["grouped.macs"] == 0
     # a lower resolution costs less of everything that depends on the image size
     small = spec_features(spec, resolution=160)
-    assert small["dw.macs"] < f["dw.macs"] and small["mbconv.n"] == 17
+    assert small["dw.k3.macs"] < f["dw.k3.macs"] and small["mbconv.n"] == 17
 
 
 def test_fit_recovers_an_additive_latency_and_its_interval_covers():

@@ -206,6 +206,9 @@ def test_cli_refuses_bad_options_with_one_line(tmp_path):
         (["--max-latency-ratio", "1", "--reference", "preset:nonet"], "unknown preset"),
         (["--max-latency-ratio", "1", "--reference", "none"], "needs a --reference"),
         (["--max-latency-ms", "5", "--resolution", "4"], "--resolution must be"),
+        (["--max-latency-ms", "5", "--space", "mobilenet_v2", "--seed-spec",
+          "preset:mnasnet@0.5"], "seed spec 1 (net_v1"),
+        (["--max-latency-ms", "5", "--seed-spec", "preset:nonet"], "unknown preset"),
     ]
     runner = CliRunner()
     for args, fragment in cases:

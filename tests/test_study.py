@@ -9,6 +9,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from blocks.presets import preset
 from search.evaluators.types import (
     EvalOutcome,
     Failure,
@@ -335,3 +336,89 @@ def test_config_takes_a_builtin_space_by_name_but_never_a_path(tmp_path):
     (tmp_path / "s.yaml").write_text("name: x")
     with pytest.raises(ValueError, match="unknown built-in space"):
         SearchConfig(space=str(tmp_path / "s.yaml"))
+
+
+def test_a_ratio_budget_selects_on_the_ratio_and_records_both_figures(url):
+    config = tiny_config(budgets=Budgets(max_latency_ratio=1.0))
+    driver = open_driver(url, config)
+    assert driver.study.metric_names == ["quality", "latency_ratio"]
+    # A is slower in ms (it ran under contention) but faster relative to the reference
+    a = driver.ask()
+    driver.tell(a.trial_number, outcome_for(a, config, 9.0, 5.0, ratio=0.5))
+    b = driver.ask()
+    driver.tell(b.trial_number, outcome_for(b, config, 5.0, 5.0, ratio=0.6))
+    ta, tb = driver.trials()
+    assert ta.values == [5.0, 0.5] and tb.values == [5.0, 0.6]
+    assert (ta.user_attrs["latency_ms"], tb.user_attrs["latency_ms"]) == (9.0, 5.0)
+    assert [t.number for t in driver.pareto()] == [a.trial_number]
+    assert driver.recommend().number == a.trial_number
+    # an ms budget keeps milliseconds; the study remembers which one it optimizes
+    ms = tiny_config(budgets=Budgets(max_latency_ms=5.0))
+    assert ms.metric_names() == ["quality", "latency_ms"]
+
+
+def test_warm_start_enqueues_seeds_then_references_as_the_first_trials(url):
+    seed = "preset:mobilenet_v2@0.75"
+    config = SearchConfig(space="mobilenet_v2", trials=10, seed=0,
+                          budgets=Budgets(max_latency_ratio=1.0),
+                          quality=QualitySettings(signal="synflow"),
+                          seed_specs=[seed, "preset:mobilenet_v2@0.5"])
+    driver = open_driver(url, config)
+    got = []
+    for _ in range(5):
+        p = driver.ask()
+        got.append((p.spec.hash, driver._frozen(p.trial_number).user_attrs.get("warm_start")))
+        driver.tell(p.trial_number, outcome_for(p, config, 5.0, 1.0, ratio=0.9))
+    want = [(preset("mobilenet_v2", 0.75).hash, "seed 1"),
+            (preset("mobilenet_v2", 0.5).hash, "seed 2"),
+            (preset("mobilenet_v2", 0.35).hash, "mobilenet_v2@0.35"),
+            (preset("mobilenet_v2", 1.0).hash, "mobilenet_v2@1")]
+    assert got[:4] == want  # seeds first; references the seeds already are come once
+    assert "warm_start" not in driver._frozen(4).user_attrs  # then the sampler's own
+    # resuming enqueues nothing again
+    again = open_driver(url, config)
+    assert "warm_start" not in again._frozen(again.ask().trial_number).user_attrs
+
+
+def test_default_space_holds_the_default_reference_network():
+    config = SearchConfig(space="default", budgets=Budgets(max_latency_ratio=1.0))
+    labels = [label for label, _ in config.warm_start_specs()]
+    assert labels == [f"mobilenet_v2@{w:g}" for w in config.space.width_mult]
+    config.space.locate(preset("mobilenet_v2", 0.5))
+
+
+def test_a_seed_spec_outside_the_space_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"seed spec 1 \(net_v1.*\): not a point of the "
+                                         r"space 'tiny': num_classes is 1000, the space's is "
+                                         r"10"):
+        tiny_config(seed_specs=["preset:mobilenet_v2@0.5"])
+    with pytest.raises(ValueError, match="give a compact spec"):
+        tiny_config(seed_specs=["/etc/passwd"])
+
+
+def test_a_trials_attributes_are_written_in_a_few_commits(url):
+    import sqlalchemy as sa
+
+    config = tiny_config(budgets=Budgets(max_latency_ms=5.0, max_params=10_000_000))
+    driver = open_driver(url, config, cache=False)
+    engine = driver.study._storage._backend.engine
+    wrote, writes = [False], []
+
+    def statement(conn, cursor, sql, *args):
+        wrote[0] = wrote[0] or sql.lstrip().split()[0].upper() in ("INSERT", "UPDATE")
+
+    def commit(conn):
+        writes.append(wrote[0])
+        wrote[0] = False
+
+    sa.event.listen(engine, "before_cursor_execute", statement)
+    sa.event.listen(engine, "commit", commit)
+    p = driver.ask()
+    driver.tell(p.trial_number, outcome_for(p, config, 4.0, 3.5))
+    t = driver.trials()[0]
+    # some 30 attributes and two constraints, as before, each readable by the dashboard
+    assert len(t.user_attrs) >= 30 and set(t.constraints) == {"latency_ms", "params"}
+    assert t.user_attrs["latency_ms"] == 4.0 and t.user_attrs["status"] == "measured"
+    # Optuna's own: the trial, one per parameter, the tell; ours: one in ask, one in tell
+    # (one commit per attribute and constraint made that 46 here)
+    assert sum(writes) <= len(t.params) + 6, sum(writes)
