@@ -426,7 +426,7 @@ def test_shapes32_is_built_in_balanced_and_the_same_bytes_every_time():
     x, y = generate(n_per_class=20)
     x2, _ = generate(n_per_class=20)
     assert x.shape == (200, 3, 32, 32) and x.dtype == np.float32
-    assert np.array_equal(x, x2) and 0.0 <= x.min() and x.max() <= 1.0
+    assert np.array_equal(x, x2) and x.min() >= 0.0 and x.max() <= 1.0
     assert np.bincount(y).tolist() == [20] * len(CLASSES) == [20] * 10
     ds = load_dataset("shapes32")
     assert ds.num_classes == 10 and ds.in_channels == 3 and ds.resolution == 32
