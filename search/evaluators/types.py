@@ -69,7 +69,11 @@ class MeasureSettings(_Model):
 
 
 class QualitySettings(_Model):
-    signal: Signal = "synflow"
+    """What quality signal to compute and how. The default signal is ``params``: on the
+    signal-quality benchmark (docs/quality.md) no zero-cost proxy ranks networks by their
+    trained accuracy better than the exact parameter count, which costs nothing."""
+
+    signal: Signal = "params"
     data: str = Field("digits", description="'digits' (built in) or a name the worker's own "
                       "configuration maps to an ImageFolder directory or .npz file")
     steps: int = Field(200, ge=1, le=100_000, description="optimizer steps for 'train'")
