@@ -1,6 +1,18 @@
 """Signal-quality benchmark: how well does each zero-cost proxy rank architectures by
 the accuracy they reach after short training?
 
+By default it reads the recorded table of benchmarks/table.py (every network of the
+compact32 space, measured once) and prints, against the shapes32 accuracy at every rung of
+the multi-fidelity recipe (30, 60 and 120 steps), the Spearman correlation of every
+signal: synflow, NASWOT, grad_norm, ZiCo, MeCo, params and MACs, with 95% bootstrap
+intervals and the seed-noise ceiling (the correlation between two training seeds of the
+same networks), then the spread of accuracy over the networks on shapes32 and on digits
+against the seed noise. Nothing is computed:
+
+    python benchmarks/signal_quality.py                 # the recorded table, seconds
+
+``--compute`` runs the older self-contained version instead:
+
 Samples random small networks (MBConv, depthwise-separable, plain conv and ShuffleNet
 stages) at resolution 32 for the 10 digit classes, computes every proxy and a short
 seeded training run on the built-in digits data for each, and prints the Spearman rank
@@ -8,8 +20,8 @@ correlation of each signal with the trained validation accuracy, beside the corr
 of plain parameter count and MACs (the baseline proxies often fail to beat), with 95%
 bootstrap intervals.
 
-    python benchmarks/signal_quality.py            # default: 32 networks, ~10 min on 2 cores
-    python benchmarks/signal_quality.py --archs 12 --steps 100   # quick look
+    python benchmarks/signal_quality.py --compute            # 32 networks, ~10 min, 2 cores
+    python benchmarks/signal_quality.py --compute --archs 12 --steps 100   # quick look
 """
 
 from __future__ import annotations
@@ -84,7 +96,7 @@ def random_spec(rng: np.random.Generator, index: int) -> ArchSpec:
             return spec
 
 
-PROXIES = ("synflow", "naswot", "grad_norm")
+PROXIES = ("synflow", "naswot", "grad_norm", "zico", "meco")
 
 
 def _init_worker(threads: int) -> None:
@@ -150,6 +162,8 @@ def table(rows: list[dict[str, Any]], extra_seeds: tuple[int, ...]) -> str:
         ("synflow", "synflow (log)"),
         ("naswot", "naswot (log det)"),
         ("grad_norm", "grad_norm"),
+        ("zico", "zico"),
+        ("meco", "meco"),
         ("params", "params (baseline)"),
         ("macs", "MACs (baseline)"),
     ]
@@ -192,7 +206,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--from-json", type=Path, nargs="+", default=None, metavar="FILE",
                     help="print the table for rows saved by earlier runs (pooled), "
                          "computing nothing")
+    ap.add_argument("--compute", action="store_true",
+                    help="sample and evaluate networks here instead of reading the table")
+    ap.add_argument("--table", type=Path, default=None,
+                    help="the recorded table (default benchmarks/data/compact32_shapes32.jsonl)")
     args = ap.parse_args(argv)
+    if not args.compute and not args.from_json:
+        return table_report(args.table)
     if args.from_json:
         rows = []
         for path in args.from_json:
@@ -251,6 +271,119 @@ def _report(rows: list[dict[str, Any]], extra: tuple[int, ...], setup: str) -> N
     for i, s, e in errors:
         print(f"note: network {i}: {s} has no value ({e})")
     print()
+
+
+# ---- the recorded table ----------------------------------------------------------------
+
+SIGNALS = (("synflow", "synflow (log)"), ("naswot", "naswot (log det)"),
+           ("grad_norm", "grad_norm"), ("zico", "zico"), ("meco", "meco"),
+           ("params", "params (baseline)"), ("macs", "MACs (baseline)"))
+
+
+def _rho_row(label: str, x: np.ndarray, y: np.ndarray) -> tuple[str, float]:
+    rho = spearman(x, y)
+    lo, hi = bootstrap_ci(x, y, n=1000)
+    return f"{label:<24} {rho:>7.3f} [{lo:>6.3f}, {hi:>6.3f}]", rho
+
+
+def table_report(path: Path | None) -> int:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import table as tbl
+
+    rows = tbl.read_table(path or tbl.TABLE)
+    nets = {n: r for n, r in rows.items() if n.startswith("c") and "proxies" in r
+            and tbl.accuracy(r, "shapes32/seed0") is not None}
+    if len(nets) < 5:
+        print(f"error: the table has {len(nets)} networks with proxies and training; record "
+              "it with: python benchmarks/table.py record", file=sys.stderr)
+        return 1
+    rungs = [int(s) for s, _ in next(iter(nets.values()))["shapes32/seed0"]["rungs"]]
+    seed1 = [n for n, r in nets.items() if tbl.accuracy(r, "shapes32/seed1") is not None]
+    print(f"signal quality on shapes32: {len(nets)} networks of the compact32 space (every "
+          f"member recorded: {len(nets)}/128); recipe {tbl.RECIPE}")
+    print(f"Spearman rho with the validation accuracy at each rung (seed 0), 95% bootstrap "
+          f"CI; the noise ceiling is rho(seed 0, seed 1) over the {len(seed1)} networks "
+          f"trained twice")
+    header = f"{'signal':<24} " + "  ".join(f"{f'{s} steps':>23}" for s in rungs)
+    header += f"  {'CPU s/net':>9}"
+    print(header)
+    print("-" * len(header))
+    summary: dict[str, dict[str, float]] = {}
+    cpu_of = {}
+    for key, label in SIGNALS:
+        cells = []
+        for step in rungs:
+            pairs = [(r["proxies"]["values"].get(key), tbl.accuracy(r, "shapes32/seed0", step))
+                     for r in nets.values()]
+            pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
+            x = np.array([p[0] for p in pairs], dtype=float)
+            y = np.array([p[1] for p in pairs], dtype=float)
+            text, rho = _rho_row("", x, y)
+            cells.append(text.strip())
+            summary.setdefault(key, {})[str(step)] = round(rho, 4)
+        cpu_of[key] = float(np.mean([r["proxies"]["cpu_s"][key] for r in nets.values()]))
+        print(f"{label:<24} " + "  ".join(f"{c:>23}" for c in cells)
+              + f"  {cpu_of[key]:>9.2f}")
+    cells = []
+    for step in rungs if len(seed1) >= 3 else []:
+        x = np.array([tbl.accuracy(nets[n], "shapes32/seed1", step) for n in seed1])
+        y = np.array([tbl.accuracy(nets[n], "shapes32/seed0", step) for n in seed1])
+        text, rho = _rho_row("", x, y)
+        cells.append(text.strip())
+        summary.setdefault("noise_ceiling", {})[str(step)] = round(rho, 4)
+    train_s = float(np.mean([nets[n]["shapes32/seed0"]["rung_seconds"][-1] for n in nets]))
+    print(f"{'train, seed 1 (ceiling)':<24} " + "  ".join(f"{c:>23}" for c in cells)
+          + f"  {train_s:>9.2f}")
+    early = {}
+    for step in rungs[:-1]:
+        x = np.array([tbl.accuracy(r, "shapes32/seed0", step) for r in nets.values()])
+        y = np.array([tbl.accuracy(r, "shapes32/seed0") for r in nets.values()])
+        early[str(step)] = round(spearman(x, y), 4)
+    print("rung accuracy vs the last rung's (same seed): "
+          + ", ".join(f"{k} steps rho {v:.3f}" for k, v in early.items()))
+    cheap = {k: v[str(rungs[-1])] for k, v in summary.items() if k != "noise_ceiling"}
+    best = max(cheap, key=lambda k: cheap[k])
+    ceiling = summary.get("noise_ceiling", {}).get(str(rungs[-1]), float("nan"))
+    print(f"best cheap signal against the last rung: {best} (rho {cheap[best]:.3f}; "
+          f"ceiling {ceiling:.3f})")
+    print()
+    spread = spread_table(tbl, rows)
+    print(json.dumps({"networks": len(nets), "noise_networks": len(seed1), "rho": summary,
+                      "rung_vs_last": early, "best_cheap_signal": best,
+                      "cpu_s_per_net": {k: round(v, 3) for k, v in cpu_of.items()},
+                      "train_s_per_net": round(train_s, 2), "spread": spread},
+                     separators=(",", ":")))
+    return 0
+
+
+def spread_table(tbl, rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Accuracy over the networks trained on each data set against the seed noise."""
+    print("accuracy after the last rung over networks of the compact32 space, against the "
+          "seed noise (networks trained with seeds 0 and 1)")
+    head = (f"{'data':<9} {'nets':>4} {'mean':>6} {'std':>6} {'best':>6} {'worst':>6}  "
+            f"{'seed-noise std':>14}  {'spread/noise':>12}  {'rho(seed0, seed1)':>17}")
+    print(head)
+    print("-" * len(head))
+    out = {}
+    for data in ("shapes32", "digits"):
+        both = [r for n, r in rows.items() if n.startswith("c")
+                and tbl.accuracy(r, f"{data}/seed0") is not None
+                and tbl.accuracy(r, f"{data}/seed1") is not None]
+        if len(both) < 3:
+            print(f"{data:<9} {len(both):>4}  (not recorded)")
+            continue
+        a = np.array([tbl.accuracy(r, f"{data}/seed0") for r in both])
+        b = np.array([tbl.accuracy(r, f"{data}/seed1") for r in both])
+        noise = float(np.std(a - b, ddof=1) / math.sqrt(2))  # one run's seed noise
+        rho = spearman(a, b)
+        print(f"{data:<9} {len(a):>4} {a.mean():>6.3f} {a.std(ddof=1):>6.3f} {a.max():>6.3f} "
+              f"{a.min():>6.3f}  {noise:>14.3f}  {a.std(ddof=1) / noise:>12.2f}  {rho:>17.3f}")
+        out[data] = {"networks": len(a), "mean": round(float(a.mean()), 4),
+                     "std": round(float(a.std(ddof=1)), 4), "best": float(a.max()),
+                     "worst": float(a.min()), "seed_noise_std": round(noise, 4),
+                     "rho_seeds": round(rho, 4)}
+    print()
+    return out
 
 
 if __name__ == "__main__":

@@ -98,7 +98,38 @@ def default_evaluator(data_sources: dict[str, str] | None = None):
     reference paid once, recycled every N tasks; the caller closes it)."""
     from search.evaluators.warm import WarmEvaluator
 
-    return WarmEvaluator(data_sources)
+    return _LocalEvaluator(WarmEvaluator(data_sources), data_sources)
+
+
+class _LocalEvaluator:
+    """The warm child for every task; a one-shot child for a multi-fidelity quality task
+    whose rungs go to the pruner (``on_progress``), which the warm pipe does not carry."""
+
+    def __init__(self, warm, data_sources: dict[str, str] | None):
+        self.warm = warm
+        self.data_sources = data_sources
+
+    def __call__(self, task: EvalTask, on_progress=None) -> EvalOutcome:
+        if on_progress is not None and task.quality is not None \
+                and task.quality.signal == "train":
+            from search.evaluators.runner import evaluate
+
+            return evaluate(task, isolated=True, data_sources=self.data_sources,
+                            on_progress=on_progress)
+        return self.warm(task)
+
+    def close(self) -> None:
+        self.warm.close()
+
+
+def _takes_progress(evaluate: Evaluator) -> bool:
+    """Whether an evaluator accepts ``on_progress`` (multi-fidelity pruning)."""
+    import inspect
+
+    try:
+        return "on_progress" in inspect.signature(evaluate).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 @contextlib.contextmanager
@@ -216,6 +247,12 @@ def _trial_line(driver: SearchDriver, number: int) -> str:
         p, lo, hi = (ua.get(f"predicted_{obj}{s}") for s in ("", "_lo", "_hi"))
         return (f"{head} predicted {p:.3f}{unit} [{lo:.3f}, {hi:.3f}] over the "
                 f"{ua.get('over_budget', '')} budget (not measured)  {ua.get('summary', '')}")
+    if t.state == TrialState.PRUNED and status == "pruned":
+        ratio = ua.get("latency_ratio")
+        rtxt = f" ({ratio:.2f}x ref)" if isinstance(ratio, float) else ""
+        return (f"{head} quality {ua.get('quality', 0.0):<10.4g} at step "
+                f"{ua.get('pruned_at_step')} of {ua.get('planned_steps')} (pruned)  "
+                f"{ua.get('latency_ms', 0.0):8.3f} ms{rtxt}  {ua.get('summary', '')}")
     if t.state == TrialState.PRUNED:
         return (f"{head} over the {ua.get('over_budget', '')} budget (not measured)  "
                 f"{ua.get('params', 0) / 1e6:.2f}M params  {ua.get('summary', '')}")
@@ -267,11 +304,14 @@ def measure_references(config: SearchConfig, presets: tuple[str, ...] | list[str
     return out
 
 
-def _evaluate_safely(evaluate: Evaluator, task: EvalTask) -> EvalOutcome:
+def _evaluate_safely(evaluate: Evaluator, task: EvalTask,
+                     on_progress: Callable[[int, float], bool] | None = None) -> EvalOutcome:
     """The runner never raises for a model's failure; should it raise anyway, the trial
     fails with the reason instead of staying RUNNING and the search goes on."""
     t0 = time.perf_counter()
     try:
+        if on_progress is not None and _takes_progress(evaluate):
+            return evaluate(task, on_progress=on_progress)
         return evaluate(task)
     except Exception as exc:
         from search.evaluators.types import Failure
@@ -335,7 +375,10 @@ def _run_search(config: SearchConfig, storage: str, study_name: str, out: Path,
                 while driver.n_finished() < config.trials:
                     proposal = driver.ask()
                     if proposal.task is not None:
-                        outcome = _evaluate_safely(evaluate, proposal.task)
+                        number = proposal.trial_number
+                        outcome = _evaluate_safely(
+                            evaluate, proposal.task,
+                            lambda step, value, n=number: driver.report_rung(n, step, value))
                         driver.tell(proposal.trial_number, outcome)
                     bar.log(_trial_line(driver, proposal.trial_number))
                     bar.update(driver.n_finished(), _best_text(driver))
@@ -356,6 +399,8 @@ def _run_search(config: SearchConfig, storage: str, study_name: str, out: Path,
 
     result = report.build_result(driver, storage, references,
                                  seconds=round(time.perf_counter() - t0, 2))
+    result["counts"].setdefault("pruned", sum(
+        1 for t in driver.trials(TrialState.PRUNED) if t.user_attrs.get("status") == "pruned"))
     plot = report.plot_pareto(driver, out / "pareto.png", references)
     exports: dict[str, str] = {}
     errors: dict[str, str] = {}

@@ -24,6 +24,7 @@ from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from blocks.kinds import KINDS
 from blocks.shapes import resolve
 from blocks.spec import (
     MAX_CHANNELS,
@@ -454,7 +455,7 @@ class DesignSpace(_Model):
         want = block.model_dump()
         options = KIND_OPTIONS[kind] + (("se_ratio",) if "se" in KIND_OPTIONS[kind] else ())
         lists = [self.choices(st, kind, o) for o in options]
-        model = BLOCK_KINDS[kind]
+        model = KINDS[kind].spec
         for width in st.width:
             for combo in itertools.product(*lists):
                 values = dict(zip(options, combo, strict=True))

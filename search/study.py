@@ -71,6 +71,7 @@ STATUS_PREDICTED = "predicted_over_budget"
 STATUS_FAILED = "failed"
 STATUS_INTERRUPTED = "interrupted"
 STATUS_PENDING = "pending"
+STATUS_PRUNED = "pruned"
 
 
 class SearchError(RuntimeError):
@@ -105,6 +106,7 @@ class Budgets(_Model):
 
 
 SamplerName = Literal["tpe", "nsga2", "random"]
+PrunerName = Literal["none", "successive_halving", "median"]
 
 
 class SearchConfig(_Model):
@@ -156,6 +158,11 @@ class SearchConfig(_Model):
                     raise ValueError(f"seed spec {text[:60]!r}: {exc}") from exc
             out.append(item)
         return out
+    pruner: PrunerName = Field(
+        "successive_halving", description="stops a multi-fidelity quality signal ('train') "
+        "at a rung: successive halving (min resource = the first rung), median, or none")
+    pruner_reduction_factor: int = Field(2, ge=2, le=10, description="successive halving: "
+                                         "the best 1/factor of a rung go on")
 
     @field_validator("space", mode="before")
     @classmethod
@@ -900,6 +907,11 @@ class SearchDriver:
         frozen = self._frozen(trial_number)
         if frozen.state.is_finished():
             return
+        if outcome.ok and outcome.quality is not None:
+            self._store_rungs(frozen, outcome.quality.details.get("rungs") or [])
+            if outcome.quality.pruned:
+                self._tell_pruned(self._trial(frozen), outcome)
+                return
         self._record(self._trial(frozen), outcome, status=STATUS_MEASURED)
 
     def _record(self, trial: optuna.trial.Trial, outcome: EvalOutcome, status: str,
@@ -990,6 +1002,81 @@ class SearchDriver:
                 self.cache.put(key, outcome)
         self.study.tell(number, [quality, objective])
 
+    # ---- multi-fidelity: rung values and pruning ------------------------------------------
+    #
+    # Optuna's Trial.report / should_prune refuse multi-objective studies, and its TPE
+    # sampler cannot rank a PRUNED trial that has intermediate values in a multi-objective
+    # study (it asks for the single direction). So the rung values are a user attribute,
+    # ``rungs`` ([[step, value], ...], shown by dashboards), and the pruner is asked with a
+    # single-objective view of the study (quality, maximized) whose trials carry those
+    # values as their intermediate values. The pruners only read trials and intermediate
+    # values (successive halving also writes its rung marks as system attributes).
+
+    def make_pruner(self) -> optuna.pruners.BasePruner | None:
+        """The configured pruner, or None (no pruning, or a single-fidelity signal)."""
+        if self.config.pruner == "none" or self.config.quality.signal != "train":
+            return None
+        if self.config.pruner == "median":
+            return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=0)
+        return optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=self.config.quality.rung_steps()[0],
+            reduction_factor=self.config.pruner_reduction_factor,
+            min_early_stopping_rate=0)
+
+    def report_rung(self, trial_number: int, step: int, value: float) -> bool:
+        """Record ``value`` (the quality at ``step``) with the trial and ask the pruner:
+        True when the evaluation should go on, False to stop it (pruned). This is the
+        callback the runner's ``on_progress`` calls."""
+        frozen = self._frozen(trial_number)
+        if frozen.state.is_finished():
+            return False
+        self._store_rungs(frozen, [[int(step), float(value)]])
+        if getattr(self, "_pruner", None) is None:
+            self._pruner = self.make_pruner()
+        if self._pruner is None:
+            return True
+        trial = _with_rungs(self._frozen(trial_number))
+        return not self._pruner.prune(_QualityView(self.study), trial)
+
+    def _store_rungs(self, frozen: FrozenTrial, rungs: list) -> None:
+        known = {int(s): float(v) for s, v in frozen.user_attrs.get("rungs", [])}
+        merged = {**known, **{int(s): float(v) for s, v in rungs}}
+        if merged != known:
+            self.study._storage.set_trial_user_attr(
+                frozen._trial_id, "rungs", [[s, merged[s]] for s in sorted(merged)])
+
+    def _tell_pruned(self, trial: optuna.trial.Trial, outcome: EvalOutcome) -> None:
+        """A candidate the pruner stopped: PRUNED, with its last rung's value and its
+        latency as user attributes (not a point of the Pareto front, not cached)."""
+        quality = outcome.quality
+        attrs: dict[str, Any] = {
+            "status": STATUS_PRUNED,
+            "quality": float(quality.value),
+            "quality_signal": quality.signal,
+            "quality_seconds": quality.seconds,
+            "pruned_at_step": int(quality.details.get("steps", 0)),
+            "planned_steps": int(quality.details.get("planned_steps", 0)),
+            "eval_seconds": outcome.seconds,
+            "feasible": 0,
+        }
+        lat = outcome.latency
+        if lat is not None:
+            attrs["latency_ms"] = lat.latency_ms.median
+            if lat.ratio_to_reference is not None:
+                attrs["latency_ratio"] = lat.ratio_to_reference.median
+        for k, v in attrs.items():
+            trial.set_user_attr(k, v)
+        self.study.tell(trial.number, state=TrialState.PRUNED)
+
+    def _stored_cost_constraints(self, trial: optuna.trial.Trial) -> dict[str, float]:
+        attrs = trial.user_attrs
+        out = {}
+        for name in self.config.budgets.cost_limits():
+            value = attrs.get(f"constraint_{name}")
+            if value is not None:
+                out[name] = float(value)
+        return out
+
     def _fail(self, trial: optuna.trial.Trial, reason: str, message: str,
               seconds: float | None = None, status: str = STATUS_FAILED,
               attrs: dict[str, Any] | None = None) -> None:
@@ -1078,6 +1165,37 @@ class SearchDriver:
 
     def spec_of(self, t: FrozenTrial) -> ArchSpec:
         return ArchSpec.model_validate_json(t.user_attrs["spec"])
+
+
+def _with_rungs(t: FrozenTrial) -> FrozenTrial:
+    """A copy of ``t`` whose intermediate values are its recorded rungs."""
+    rungs = t.user_attrs.get("rungs")
+    if not rungs:
+        return t
+    copy = FrozenTrial(
+        number=t.number, state=t.state, value=None, values=t.values,
+        datetime_start=t.datetime_start, datetime_complete=t.datetime_complete,
+        params=t.params, distributions=t.distributions, user_attrs=t.user_attrs,
+        system_attrs=t.system_attrs, intermediate_values={int(s): float(v) for s, v in rungs},
+        trial_id=t._trial_id)
+    return copy
+
+
+class _QualityView:
+    """The study as a single-objective one (quality, maximized) for Optuna's pruners."""
+
+    direction = optuna.study.StudyDirection.MAXIMIZE
+
+    def __init__(self, study: optuna.Study):
+        self._study = study
+        self._storage = study._storage
+        self._study_id = study._study_id
+
+    def get_trials(self, deepcopy: bool = True,
+                   states: Iterable[TrialState] | None = None) -> list[FrozenTrial]:
+        trials = self._study.get_trials(deepcopy=False,
+                                        states=tuple(states) if states else None)
+        return [_with_rungs(t) for t in trials]
 
 
 __all__ = [

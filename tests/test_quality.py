@@ -12,7 +12,7 @@ from torch import nn
 
 from blocks.spec import ArchSpec
 from search.evaluators.datasets import DataError, load_dataset
-from search.evaluators.proxies import ProxyError, grad_norm, naswot, synflow
+from search.evaluators.proxies import ProxyError, grad_norm, meco, naswot, synflow, zico
 from search.evaluators.quality import QualityError, adapt_spec, evaluate_quality
 from search.evaluators.types import QualitySettings
 
@@ -328,3 +328,124 @@ def test_unknown_data_name_is_a_clear_error():
     text = str(err.value)
     assert "unknown data set 'imagenet'" in text and "digits" in text and "flowers" in text
     assert "\n" not in text
+
+
+# ---- ZiCo and MeCo against hand-computed values ---------------------------------------------
+
+
+def test_zico_equals_hand_computed_value():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    batches = [(torch.randn(5, 3), torch.tensor([0, 1, 0, 1, 1])),
+               (torch.randn(5, 3), torch.tensor([1, 1, 0, 0, 1]))]
+    value, extra = zico(net, batches)
+    expected = 0.0
+    grads = []
+    for x, y in batches:
+        net.zero_grad()
+        nn.functional.cross_entropy(net(x), y).backward()
+        grads.append([net[0].weight.grad.clone().double(), net[2].weight.grad.clone().double()])
+    for layer in range(2):
+        g = torch.stack([grads[b][layer] for b in range(2)])
+        mean_abs, std = g.abs().mean(0), g.std(0, unbiased=False)
+        keep = std > 0
+        expected += math.log(float((mean_abs[keep] / std[keep]).sum()))
+    assert value == pytest.approx(expected, rel=1e-9)
+    assert extra == {"layers": 2, "batches": 2}
+    with pytest.raises(ProxyError, match="two minibatches"):
+        zico(net, batches[:1])
+
+
+def test_meco_equals_hand_computed_least_eigenvalue():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1, bias=False), nn.ReLU(),
+                        nn.Conv2d(3, 2, 1, bias=False))
+    x = torch.randn(4, 1, 5, 5)
+    value, extra = meco(net, x)
+    with torch.no_grad():
+        f1 = net[0](x[:1])[0].double().reshape(3, -1)
+        f2 = net[2](net[1](net[0](x[:1])))[0].double().reshape(2, -1)
+    expected = sum(float(np.linalg.eigvalsh(np.corrcoef(f.numpy())).min()) for f in (f1, f2))
+    assert value == pytest.approx(expected, rel=1e-9) and extra["layers"] == 2
+    # two channels: eigenvalues of [[1, r], [r, 1]] are 1 +- |r|
+    r = float(np.corrcoef(f2.numpy())[0, 1])
+    assert float(np.linalg.eigvalsh(np.corrcoef(f2.numpy())).min()) == pytest.approx(1 - abs(r))
+
+
+@pytest.mark.parametrize("signal", ["zico", "meco"])
+def test_new_proxies_are_deterministic_and_finite(signal):
+    a = evaluate_quality(TINY, q(signal, seed=3))
+    b = evaluate_quality(TINY, q(signal, seed=3))
+    assert a.value == b.value and math.isfinite(a.value)
+    assert a.value != evaluate_quality(TINY, q(signal, seed=4)).value
+
+
+def test_params_and_macs_signals_are_the_adapted_specs_counts():
+    p = evaluate_quality(TINY, q("params"))
+    m = evaluate_quality(TINY, q("macs"))
+    assert p.value == p.details["params"] > 1000 and m.value == m.details["macs"]
+    wide = TINY.model_validate({**TINY.model_dump(), "stem": {"out_channels": 32,
+                                                              "stride": 2}})
+    assert evaluate_quality(wide, q("params")).value > p.value
+
+
+# ---- multi-fidelity training -----------------------------------------------------------------
+
+
+def test_rung_schedule_defaults_and_validation():
+    assert QualitySettings().rung_steps() == [50, 100, 200]
+    assert QualitySettings(steps=120, rungs=[30, 60]).rung_steps() == [30, 60, 120]
+    assert QualitySettings(steps=120, rungs=[30, 60, 120]).rung_steps() == [30, 60, 120]
+    assert QualitySettings(steps=1).rung_steps() == [1]
+    for bad in ([60, 30], [0, 5], [30, 300]):
+        with pytest.raises(ValueError, match="rungs"):
+            QualitySettings(steps=120, rungs=bad)
+
+
+def test_rungs_report_every_fidelity_and_a_pruned_run_keeps_its_rung_value():
+    settings = q("train", steps=24, rungs=[6, 12], batch=16, seed=0)
+    seen: list[tuple[int, float]] = []
+    full = evaluate_quality(TINY, settings, on_rung=lambda s, v: seen.append((s, v)) or True)
+    assert [r[0] for r in full.details["rungs"]] == [6, 12, 24]
+    assert [s for s, _ in seen] == [6, 12]  # the last rung is the result, not a report
+    assert not full.pruned and full.value == full.details["rungs"][-1][1]
+    assert full.details["steps"] == 24 and len(full.details["rung_seconds"]) == 3
+    stopped = evaluate_quality(TINY, settings, on_rung=lambda s, v: s < 12)
+    assert stopped.pruned and stopped.details["steps"] == 12
+    # the schedule is the full run's: the pruned run's value is the full run's at step 12
+    assert stopped.value == full.details["rungs"][1][1]
+    assert stopped.details["rungs"] == full.details["rungs"][:2]
+
+
+# ---- shapes32 --------------------------------------------------------------------------------
+
+
+def test_shapes32_is_built_in_balanced_and_the_same_bytes_every_time():
+    from search.evaluators.shapes import CLASSES, generate
+
+    x, y = generate(n_per_class=20)
+    x2, _ = generate(n_per_class=20)
+    assert x.shape == (200, 3, 32, 32) and x.dtype == np.float32
+    assert np.array_equal(x, x2) and x.min() >= 0.0 and x.max() <= 1.0
+    assert np.bincount(y).tolist() == [20] * len(CLASSES) == [20] * 10
+    ds = load_dataset("shapes32")
+    assert ds.num_classes == 10 and ds.in_channels == 3 and ds.resolution == 32
+    assert ds.x_train.shape[0] == 4000 and ds.x_val.shape[0] == 1000
+    assert ds.classes[:3] == ("disk", "ring", "square") and ds.source.startswith("built-in")
+    assert abs(float(ds.x_train.mean())) < 1e-3  # standardized like every data set
+
+
+def test_shapes32_classes_differ_in_outline_not_in_colour():
+    from search.evaluators.shapes import generate
+
+    x, y = generate(n_per_class=200)
+    colour = x.mean(axis=(2, 3))  # N,3: the mean colour of each image
+    hue = colour - colour.mean(axis=1, keepdims=True)  # its chromatic part
+    per_class = np.stack([hue[y == k].mean(0) for k in range(10)])
+    # the hue of a class says nothing about it (its brightness tells its area, as in
+    # photos): class means differ by no more than sampling noise (6 standard errors)
+    standard_error = hue.std(axis=0) / np.sqrt(200)
+    assert (np.ptp(per_class, axis=0) < 6 * standard_error).all()
+    # but the shapes differ: a disk covers more of its centre than a ring
+    centre = x[:, :, 13:19, 13:19].mean(axis=(1, 2, 3)) - x.mean(axis=(1, 2, 3))
+    assert centre[y == 0].mean() > centre[y == 1].mean() + 0.05

@@ -1,5 +1,5 @@
-"""Data sets for the quality signals: the built-in ``digits`` and user data named in the
-worker's own configuration.
+"""Data sets for the quality signals: the built-in ``digits`` and ``shapes32`` and user
+data named in the worker's own configuration.
 
 Nothing is downloaded. A client names a data set (``QualitySettings.data``); only the
 worker's own configuration maps that name to a path (``data_sources``, read by
@@ -7,7 +7,10 @@ worker's own configuration maps that name to a path (``data_sources``, read by
 ``FITNAS_DATA_SOURCES_FILE`` or ``FITNAS_DATA_SOURCES``; see docs/quality.md), so a
 client can never make a worker read a file of its choosing. ``digits`` is built in:
 scikit-learn's bundled 8x8 hand-written digits (1,797 images, 10 classes), resized with
-bilinear interpolation to the requested resolution.
+bilinear interpolation to the requested resolution. ``shapes32`` is generated here
+(:mod:`search.evaluators.shapes`, seeded, about a second): 5,000 RGB images of 32x32, ten
+shape classes on cluttered backgrounds, on which short-training accuracy depends on the
+architecture far more than on the training seed (docs/quality.md, "shapes32").
 
 A path is either an ImageFolder directory (one sub-directory per class, images inside,
 read with Pillow) or an ``.npz`` file with arrays ``x`` (``N,H,W``, ``N,H,W,C`` or
@@ -32,7 +35,7 @@ import numpy as np
 if TYPE_CHECKING:  # torch is imported where tensors are made: configuration stays light
     import torch
 
-BUILTIN = ("digits",)
+BUILTIN = ("digits", "shapes32")
 ENV_SOURCES = "FITNAS_DATA_SOURCES"
 ENV_SOURCES_FILE = "FITNAS_DATA_SOURCES_FILE"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
@@ -274,7 +277,12 @@ def _load_cached(name: str, path: str | None, mtime: float, resolution: int,
     notes: list[str] = []
     val: tuple | None = None
     classes: list[str] = []
-    if path is None:
+    if path is None and name == "shapes32":
+        from search.evaluators.shapes import CLASSES, generate
+
+        x, y = generate()
+        classes, source = list(CLASSES), "built-in (generated)"
+    elif path is None:
         x, y, classes = _digits()
         source = "built-in"
     else:
@@ -342,7 +350,8 @@ def load_dataset(
     max_bytes: int = MAX_DATA_BYTES,
 ) -> Dataset:
     """Load data set ``name`` at ``resolution`` (square). ``data_sources`` is the worker's
-    own name -> path mapping (see :func:`data_sources_from_env`); ``digits`` is built in.
+    own name -> path mapping (see :func:`data_sources_from_env`); ``digits`` and
+    ``shapes32`` are built in.
     Raises :class:`DataError` with a one-line message on any problem."""
     if not 8 <= resolution <= 1024:
         raise DataError(f"resolution must be in [8, 1024] (got {resolution})")

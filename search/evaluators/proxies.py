@@ -17,6 +17,15 @@ the zero-cost-proxy literature:
   on which two inputs agree); score ``log |det K|``.
 * :func:`grad_norm` (Abdelfattah et al. 2021): cross-entropy on a minibatch, backward
   once, the sum over convolution and linear weights of the L2 norm of their gradient.
+* :func:`zico` (Li et al. 2023, "ZiCo: Zero-shot NAS via Inverse Coefficient of Variation
+  on Gradients"): the gradient of the cross-entropy with respect to every weight on each
+  of several minibatches; per layer ``l`` the sum over its weights of
+  ``mean_b |g| / std_b(g)`` (weights whose gradient has zero spread are left out), and
+  the score ``sum_l log`` of that sum.
+* :func:`meco` (Jiang et al. 2023, "MeCo: Zero-Shot NAS with One Data and Single Forward
+  Pass via Minimum Eigenvalue of Correlation"): one forward pass of one input; for every
+  layer's feature map (``C x H x W`` read as ``C`` vectors of ``H*W``) the Pearson
+  correlation matrix of its channels; the score is the sum of their least eigenvalues.
 """
 
 from __future__ import annotations
@@ -139,3 +148,78 @@ def grad_norm(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float
     if not math.isfinite(total):
         raise ProxyError("grad_norm is not finite")
     return total, {"loss": float(loss.detach()), "layers": len(weights)}
+
+
+def zico(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]
+         ) -> tuple[float, dict]:
+    """ZiCo over ``batches`` (at least two labelled minibatches), training mode.
+
+    Following the reference code, a layer is each convolution and linear layer; its
+    weights' gradients over the minibatches give a mean absolute value and a (population)
+    standard deviation per weight; weights with zero deviation are skipped and a layer
+    whose sum is zero contributes nothing (log 0 is not a score).
+    """
+    if len(batches) < 2:
+        raise ProxyError("ZiCo needs at least two minibatches")
+    net = copy.deepcopy(model)
+    net.train()
+    layers = [m for m in net.modules() if isinstance(m, WEIGHTED)]
+    grads: list[list[torch.Tensor]] = [[] for _ in layers]
+    for x, y in batches:
+        loss = nn.functional.cross_entropy(net(x), y)
+        gs = torch.autograd.grad(loss, [m.weight for m in layers], allow_unused=True)
+        for store, g in zip(grads, gs, strict=True):
+            if g is not None:
+                store.append(g.detach().double().flatten())
+    total, used = 0.0, 0
+    for store in grads:
+        if len(store) < 2:
+            continue
+        g = torch.stack(store)
+        std = g.std(dim=0, unbiased=False)
+        keep = std > 0
+        s = float((g.abs().mean(dim=0)[keep] / std[keep]).sum())
+        if s > 0.0 and math.isfinite(s):
+            total += math.log(s)
+            used += 1
+    if used == 0:
+        raise ProxyError("ZiCo has no layer with varying gradients")
+    return total, {"layers": used, "batches": len(batches)}
+
+
+def meco(model: nn.Module, x: torch.Tensor) -> tuple[float, dict]:
+    """MeCo of ``model`` for the first input of ``x``.
+
+    The network runs in eval mode: with one input, training-mode BatchNorm has no batch
+    statistics on a 1x1 map, and a fresh network's eval-mode BatchNorm is the identity
+    (running mean 0, variance 1), so nothing is lost. Feature maps are the outputs of
+    every convolution. A channel that is constant over the map has no correlation: its
+    NaN entries count as 0 (the reference code's rule). Maps of one channel or one pixel
+    have no correlation matrix and are skipped.
+    """
+    net = copy.deepcopy(model)
+    net.eval()
+    values: list[float] = []
+
+    def hook(_module: nn.Module, _args: tuple, out: torch.Tensor) -> None:
+        fea = out[0].detach().double()
+        c = fea.shape[0]
+        fea = fea.reshape(c, -1)
+        if c < 2 or fea.shape[1] < 2:
+            return
+        corr = torch.corrcoef(fea)
+        corr = torch.nan_to_num(corr, nan=0.0, posinf=0.0, neginf=0.0)
+        values.append(float(torch.linalg.eigvalsh(corr)[0]))
+
+    handles = [m.register_forward_hook(hook) for m in net.modules()
+               if isinstance(m, nn.Conv2d)]
+    try:
+        with torch.no_grad():
+            net(x[:1] if x.shape[0] > 1 else x)
+    finally:
+        for h in handles:
+            h.remove()
+    if not values:
+        raise ProxyError("MeCo needs a convolution with a feature map of >= 2 channels and "
+                         ">= 2 pixels")
+    return float(sum(values)), {"layers": len(values)}

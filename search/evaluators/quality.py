@@ -9,7 +9,13 @@ signal      value
 synflow     log of the SynFlow score (all-ones input, no data needed beyond its shape)
 naswot      log-determinant of the NASWOT activation kernel over one training minibatch
 grad_norm   sum of conv/linear weight-gradient L2 norms of cross-entropy on one minibatch
-train       validation accuracy (0..1) after ``steps`` seeded optimizer steps
+zico        ZiCo: sum over layers of log(sum mean|g| / std(g)) over two minibatches
+meco        MeCo: sum over conv layers of the least eigenvalue of the channel correlation
+            matrix of the layer's output for one training image
+params      the adapted spec's parameter count (a baseline that needs no model run)
+macs        the adapted spec's multiply-accumulates per image (likewise)
+train       validation accuracy (0..1) after ``steps`` seeded optimizer steps, reported
+            at every rung of ``rungs`` (multi-fidelity; a pruner may stop it early)
 =========== ===========================================================================
 
 The spec is adapted to the data before anything is built: ``num_classes`` becomes the
@@ -29,9 +35,10 @@ it.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -43,7 +50,7 @@ from blocks.cost import estimate_cost
 from blocks.spec import ArchSpec
 from search.evaluators.datasets import Dataset, fit_channels, load_dataset
 from search.evaluators.latency import torch_threads
-from search.evaluators.proxies import grad_norm, naswot, synflow
+from search.evaluators.proxies import grad_norm, meco, naswot, synflow, zico
 from search.evaluators.types import QualityResult, QualitySettings
 
 DEFAULT_RESOLUTION = 32
@@ -53,6 +60,7 @@ WEIGHT_DECAY = 1e-4
 WARMUP_FRACTION = 0.05
 LABEL_SMOOTHING = 0.0
 EVAL_BATCH = 256
+ZICO_BATCHES = 2  # ZiCo's gradient statistics are over minibatches; the paper uses two
 
 
 class QualityError(ValueError):
@@ -133,49 +141,93 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, in_channels: i
     return correct / n, loss_sum / n
 
 
-def train_and_validate(model: nn.Module, data: Dataset, steps: int, batch: int,
-                       generator: torch.Generator, in_channels: int,
-                       device: torch.device) -> tuple[float, dict[str, Any]]:
-    """AdamW, linear warm-up then cosine decay, ``steps`` minibatches drawn epoch by epoch
-    from a seeded permutation; returns (validation accuracy, details)."""
+RungCallback = Callable[[int, float], bool]
+
+
+def train_rungs(model: nn.Module, data: Dataset, rungs: list[int], batch: int,
+                generator: torch.Generator, in_channels: int, device: torch.device,
+                on_rung: RungCallback | None = None) -> tuple[float, dict[str, Any]]:
+    """Multi-fidelity training: one seeded run of ``rungs[-1]`` steps (AdamW, linear
+    warm-up then cosine decay over the whole run, minibatches drawn epoch by epoch from a
+    seeded permutation) with the validation accuracy taken at every rung.
+
+    After each rung but the last, ``on_rung(step, accuracy)`` decides whether to go on
+    (False: the run is pruned and stops there). The learning-rate schedule is that of the
+    full run, so a rung's accuracy is the same whether the run goes on or not: a pruned
+    candidate's value is exactly the full run's value at that step.
+
+    Returns (accuracy at the last rung reached, details with ``rungs`` = [[step, acc]...]
+    and ``pruned``).
+    """
     if batch < 2:
         raise QualityError("training needs batch >= 2 (BatchNorm uses batch statistics)")
+    if not rungs or any(b <= a for a, b in itertools.pairwise(rungs)):
+        raise QualityError(f"rungs must be increasing step counts (got {rungs})")
+    steps = rungs[-1]
     n = data.x_train.shape[0]
     batch = min(batch, n)
     opt = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
-    model.train()
     order = torch.randperm(n, generator=generator)
-    pos, epochs = 0, 0
+    pos = 0
     tail = max(1, steps // 10)
     tail_losses: list[float] = []
-    for step in range(steps):
+    reached: list[list[float]] = []
+    rung_seconds: list[float] = []
+    t0 = time.perf_counter()
+    pruned = False
+    acc, val_loss, step = 0.0, float("nan"), 0
+    pending = list(rungs)
+    model.train()
+    for step in range(1, steps + 1):
         if pos + batch > n:
             order = torch.randperm(n, generator=generator)
-            pos, epochs = 0, epochs + 1
+            pos = 0
         idx = order[pos:pos + batch]
         pos += batch
         xb = fit_channels(data.x_train[idx], in_channels).to(device)
         yb = data.y_train[idx].to(device)
         for group in opt.param_groups:
-            group["lr"] = _lr_at(step, steps)
+            group["lr"] = _lr_at(step - 1, steps)
         loss = nn.functional.cross_entropy(model(xb), yb, label_smoothing=LABEL_SMOOTHING)
         if not torch.isfinite(loss):
-            raise QualityError(f"training diverged at step {step} (loss {float(loss)})")
+            raise QualityError(f"training diverged at step {step - 1} (loss {float(loss)})")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if step >= steps - tail:
+        if step > steps - tail:
             tail_losses.append(float(loss.detach()))
-    acc, val_loss = _accuracy(model, data.x_val, data.y_val, in_channels, device)
-    return acc, {
+        if step == pending[0]:
+            pending.pop(0)
+            acc, val_loss = _accuracy(model, data.x_val, data.y_val, in_channels, device)
+            model.train()
+            reached.append([step, acc])
+            rung_seconds.append(round(time.perf_counter() - t0, 3))
+            if pending and on_rung is not None and not on_rung(step, acc):
+                pruned = True
+                break
+    details: dict[str, Any] = {
         "val_accuracy": acc,
         "val_loss": val_loss,
-        "train_loss": sum(tail_losses) / len(tail_losses),
-        "steps": steps,
-        "epochs": round(steps * batch / n, 2),
-        "optimizer": f"AdamW lr={LEARNING_RATE} wd={WEIGHT_DECAY}, warm-up + cosine",
+        "steps": step,
+        "planned_steps": steps,
+        "rungs": reached,
+        "rung_seconds": rung_seconds,
+        "pruned": pruned,
+        "epochs": round(step * batch / n, 2),
+        "optimizer": f"AdamW lr={LEARNING_RATE} wd={WEIGHT_DECAY}, warm-up + cosine "
+                     f"over {steps} steps",
         "chance_accuracy": float(torch.bincount(data.y_val).max()) / data.y_val.numel(),
     }
+    if tail_losses:
+        details["train_loss"] = sum(tail_losses) / len(tail_losses)
+    return acc, details
+
+
+def train_and_validate(model: nn.Module, data: Dataset, steps: int, batch: int,
+                       generator: torch.Generator, in_channels: int,
+                       device: torch.device) -> tuple[float, dict[str, Any]]:
+    """Single-fidelity training: :func:`train_rungs` with the one rung ``steps``."""
+    return train_rungs(model, data, [steps], batch, generator, in_channels, device)
 
 
 def evaluate_quality(
@@ -184,6 +236,7 @@ def evaluate_quality(
     data_sources: dict[str, str] | None = None,
     *,
     device: str = "cpu",
+    on_rung: RungCallback | None = None,
 ) -> QualityResult:
     """Compute ``settings.signal`` for ``spec`` in this process.
 
@@ -192,6 +245,10 @@ def evaluate_quality(
     set, :class:`QualityError` / :class:`~search.evaluators.proxies.ProxyError` when the
     signal has no value for this network, and :class:`blocks.shapes.SpecError` for a
     spec that cannot be built.
+
+    ``on_rung(step, accuracy) -> bool`` is called by ``train`` after every rung but the
+    last (see :func:`train_rungs`); returning False stops the run and the result has
+    ``pruned=True``. The other signals never call it.
     """
     if settings.signal == "none":
         raise QualityError("signal 'none' has no value to compute")
@@ -230,11 +287,23 @@ def evaluate_quality(
                                    "statistics)")
             x, y = _minibatch(data, settings.batch, generator, adapted.in_channels, dev)
             value, extra = grad_norm(model, x, y)
+        elif settings.signal == "zico":
+            if settings.batch < 2:
+                raise QualityError("zico needs batch >= 2 (BatchNorm uses batch statistics)")
+            batches = [_minibatch(data, settings.batch, generator, adapted.in_channels, dev)
+                       for _ in range(ZICO_BATCHES)]
+            value, extra = zico(model, batches)
+        elif settings.signal == "meco":
+            x, _ = _minibatch(data, 1, generator, adapted.in_channels, dev)
+            value, extra = meco(model, x)
+        elif settings.signal in ("params", "macs"):
+            value, extra = float(details[settings.signal]), {}
         elif settings.signal == "train":
-            value, extra = train_and_validate(model, data, settings.steps, settings.batch,
-                                              generator, adapted.in_channels, dev)
+            value, extra = train_rungs(model, data, settings.rung_steps(), settings.batch,
+                                       generator, adapted.in_channels, dev, on_rung)
         else:  # pragma: no cover - Signal is a closed Literal
             raise QualityError(f"unknown signal {settings.signal!r}")
     details.update(extra)
     return QualityResult(signal=settings.signal, value=float(value),
-                         seconds=time.perf_counter() - start, details=details)
+                         seconds=time.perf_counter() - start, details=details,
+                         pruned=bool(details.get("pruned", False)))

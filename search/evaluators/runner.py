@@ -32,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from search.evaluators import allocator
@@ -45,6 +46,9 @@ _OOM_PATTERNS = re.compile(
     re.IGNORECASE,
 )
 _LOG_TAIL_BYTES = 8192
+# Progress of a multi-fidelity evaluation: (step, value) -> go on? (False: stop, pruned)
+ProgressCallback = Callable[[int, float], bool]
+_PROGRESS_ENV = "FITNAS_PROGRESS_FDS"  # "<write fd>,<read fd>" in the child
 
 
 def _first_line(exc: BaseException) -> str:
@@ -150,8 +154,10 @@ def memory_precheck(task: EvalTask, spec=None) -> Failure | None:
 # ---- in process -----------------------------------------------------------------------------
 
 
-def run_in_process(task: EvalTask, data_sources: dict[str, str] | None = None) -> EvalOutcome:
-    """Evaluate in this process (no timeout, no memory ceiling); failures are typed."""
+def run_in_process(task: EvalTask, data_sources: dict[str, str] | None = None,
+                   on_progress: ProgressCallback | None = None) -> EvalOutcome:
+    """Evaluate in this process (no timeout, no memory ceiling); failures are typed.
+    ``on_progress`` gets the quality signal's rungs (see :func:`evaluate`)."""
     t0 = time.perf_counter()
     latency = quality = None
     try:
@@ -163,7 +169,8 @@ def run_in_process(task: EvalTask, data_sources: dict[str, str] | None = None) -
         if task.quality is not None:
             from search.evaluators.quality import evaluate_quality
 
-            quality = evaluate_quality(spec, task.quality, data_sources)
+            quality = evaluate_quality(spec, task.quality, data_sources,
+                                       on_rung=on_progress)
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as exc:
@@ -270,7 +277,7 @@ def child_main(task_path: str, result_path: str) -> int:
             resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
         else:
             _rss_watchdog(limit, result_path, task.memory_mb)
-        outcome = run_in_process(task, data_sources)
+        outcome = run_in_process(task, data_sources, _child_progress())
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as exc:
@@ -283,6 +290,54 @@ def child_main(task_path: str, result_path: str) -> int:
             {"ok": False, "failure": {"reason": "out_of_memory",
                                       "message": "out of memory writing the result"}}))
     return 0
+
+
+def _child_progress() -> ProgressCallback | None:
+    """In the child: report a rung to the parent over a pipe and wait for its answer."""
+    fds = os.environ.get(_PROGRESS_ENV)
+    if not fds:
+        return None
+    write_fd, read_fd = (int(f) for f in fds.split(","))
+
+    def report(step: int, value: float) -> bool:
+        os.write(write_fd, (json.dumps({"step": step, "value": value}) + "\n").encode())
+        answer = b""
+        while not answer.endswith(b"\n"):
+            chunk = os.read(read_fd, 16)
+            if not chunk:  # the parent is gone: nobody wants the rest
+                return False
+            answer += chunk
+        return answer.strip() == b"1"
+
+    return report
+
+
+def _wait_with_progress(proc: subprocess.Popen, timeout_s: float, progress_r: int,
+                        answer_w: int, on_progress: ProgressCallback) -> int:
+    """``proc.wait(timeout_s)`` that answers the child's progress reports meanwhile."""
+    import select
+
+    deadline = time.monotonic() + timeout_s
+    buf = b""
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise subprocess.TimeoutExpired(proc.args, timeout_s)
+        ready, _, _ = select.select([progress_r], [], [], min(remaining, 1.0))
+        if not ready:
+            if proc.poll() is not None:
+                return proc.returncode
+            continue
+        chunk = os.read(progress_r, 4096)
+        if not chunk:  # the child closed its end: it is finishing
+            return proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        buf += chunk
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            msg = json.loads(line)
+            go_on = bool(on_progress(int(msg["step"]), float(msg["value"])))
+            with contextlib.suppress(OSError):
+                os.write(answer_w, b"1\n" if go_on else b"0\n")
 
 
 def _log_tail(path: Path) -> str:
@@ -342,8 +397,29 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-def run_isolated(task: EvalTask, data_sources: dict[str, str] | None = None) -> EvalOutcome:
+def run_isolated(task: EvalTask, data_sources: dict[str, str] | None = None,
+                 on_progress: ProgressCallback | None = None) -> EvalOutcome:
     t0 = time.perf_counter()
+    pipes: list[int] = []  # progress: child -> parent, answers: parent -> child
+    env = _child_env()
+    pass_fds: tuple[int, ...] = ()
+    if on_progress is not None:
+        progress_r, progress_w = os.pipe()
+        answer_r, answer_w = os.pipe()
+        pipes = [progress_r, progress_w, answer_r, answer_w]
+        env[_PROGRESS_ENV] = f"{progress_w},{answer_r}"
+        pass_fds = (progress_w, answer_r)
+    try:
+        return _run_isolated(task, data_sources, t0, env, pass_fds, on_progress, pipes)
+    finally:
+        for fd in pipes:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def _run_isolated(task: EvalTask, data_sources: dict[str, str] | None, t0: float,
+                  env: dict[str, str], pass_fds: tuple[int, ...],
+                  on_progress: ProgressCallback | None, pipes: list[int]) -> EvalOutcome:
     with tempfile.TemporaryDirectory(prefix="fitnas-eval-") as tmp:
         task_path = Path(tmp, "task.json")
         result_path = Path(tmp, "result.json")
@@ -355,13 +431,20 @@ def run_isolated(task: EvalTask, data_sources: dict[str, str] | None = None) -> 
         with open(log_path, "wb") as log:
             try:
                 proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                        env=_child_env(), start_new_session=True)
+                                        env=env, start_new_session=True, pass_fds=pass_fds)
             except OSError as exc:
                 return EvalOutcome(ok=False, failure=Failure(
                     reason="crashed", message=f"could not start the evaluation: {exc}"),
                     seconds=time.perf_counter() - t0)
             try:
-                returncode = proc.wait(timeout=task.timeout_s)
+                if on_progress is None:
+                    returncode = proc.wait(timeout=task.timeout_s)
+                else:
+                    for fd in pass_fds:  # the child's ends: EOF once the child is done
+                        os.close(fd)
+                    pipes[1] = pipes[2] = -1
+                    returncode = _wait_with_progress(proc, task.timeout_s, pipes[0], pipes[3],
+                                                     on_progress)
             except subprocess.TimeoutExpired:
                 _kill_group(proc)
                 return EvalOutcome(ok=False, failure=Failure(
@@ -389,12 +472,19 @@ def run_isolated(task: EvalTask, data_sources: dict[str, str] | None = None) -> 
 
 def evaluate(task: EvalTask, *, isolated: bool = True,
              data_sources: dict[str, str] | None = None,
-             precheck: bool = True) -> EvalOutcome:
+             precheck: bool = True,
+             on_progress: ProgressCallback | None = None) -> EvalOutcome:
     """Evaluate ``task``; never raises for a model's failure.
 
     ``isolated`` (default): in a child process with ``task.timeout_s`` and
     ``task.memory_mb``. ``precheck``: refuse a model whose analytic memory lower bound is
     over the ceiling before anything is allocated.
+
+    ``on_progress(step, value) -> bool`` is called in this process at every rung of a
+    multi-fidelity quality signal (``train``); False stops the evaluation there and the
+    outcome's quality has ``pruned=True``. The local search answers with the study's
+    pruner (``SearchDriver.report_rung``); a service worker forwards it as a progress
+    report that also renews its lease.
     """
     t0 = time.perf_counter()
     try:
@@ -408,8 +498,8 @@ def evaluate(task: EvalTask, *, isolated: bool = True,
     except BaseException as exc:
         return EvalOutcome(ok=False, failure=classify(exc), seconds=time.perf_counter() - t0)
     if not isolated:
-        return run_in_process(task, data_sources)
-    return run_isolated(task, data_sources)
+        return run_in_process(task, data_sources, on_progress)
+    return run_isolated(task, data_sources, on_progress)
 
 
 def _main(argv: list[str]) -> int:

@@ -6,16 +6,18 @@ device worker: what to measure (:class:`EvalTask`) and what came back
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from search.evaluators import allocator
 
 Runtime = Literal["eager", "torchscript", "onnxruntime"]
 DType = Literal["float32", "float16", "bfloat16"]
-Signal = Literal["none", "synflow", "naswot", "grad_norm", "train"]
+Signal = Literal["none", "synflow", "naswot", "grad_norm", "zico", "meco", "params", "macs",
+                 "train"]
 FailureReason = Literal[
     "timeout",
     "out_of_memory",
@@ -89,10 +91,19 @@ class MeasureSettings(_Model):
 
 
 class QualitySettings(_Model):
-    signal: Signal = "synflow"
+    """What quality signal to compute and how. The default signal is ``params``: on the
+    signal-quality benchmark (docs/quality.md) no zero-cost proxy ranks networks by their
+    trained accuracy better than the exact parameter count, which costs nothing."""
+
+    signal: Signal = "params"
     data: DataName = Field("digits", description="'digits' (built in) or a name the worker's own "
                       "configuration maps to an ImageFolder directory or .npz file")
     steps: int = Field(200, ge=1, le=100_000, description="optimizer steps for 'train'")
+    rungs: list[int] | None = Field(
+        None, max_length=32, description="'train': steps at which the validation accuracy "
+        "is reported (an Optuna intermediate value; a pruner may stop the run there); "
+        "increasing, each <= steps, steps itself is always the last. None: steps/4, "
+        "steps/2, steps")
     batch: int = Field(32, ge=1, le=1024)
     resolution: int | None = Field(None, ge=8, le=1024, description="None: 32 for proxies "
                                    "and digits training")
@@ -101,6 +112,24 @@ class QualitySettings(_Model):
         1, ge=1, le=256, description="CPU threads while evaluating; float32 sums (training, "
         "grad_norm) depend on the count, so a fixed one keeps values reproducible across "
         "machines. None: the process's current setting")
+
+    @model_validator(mode="after")
+    def _check_rungs(self) -> QualitySettings:
+        if self.rungs is not None:
+            r = self.rungs
+            if any(b <= a for a, b in itertools.pairwise(r)) or (r and r[0] < 1):
+                raise ValueError("rungs must be increasing positive step counts")
+            if r and r[-1] > self.steps:
+                raise ValueError(f"rungs must be <= steps ({self.steps}); got {r[-1]}")
+        return self
+
+    def rung_steps(self) -> list[int]:
+        """The steps at which 'train' reports (see ``rungs``); the last is ``steps``."""
+        if self.rungs is not None:
+            rungs = list(self.rungs)
+        else:
+            rungs = [max(1, round(self.steps / 4)), max(1, round(self.steps / 2))]
+        return sorted({*(s for s in rungs if s < self.steps), self.steps})
 
 
 class LatencyBudget(_Model):
@@ -188,6 +217,8 @@ class QualityResult(_Model):
     signal: Signal
     value: float
     seconds: float
+    pruned: bool = Field(False, description="'train' stopped at a rung by the pruner; value "
+                         "is that rung's accuracy")
     details: dict[str, Any] = Field(default_factory=dict)
 
 
