@@ -233,12 +233,14 @@ def _trial_line(driver: SearchDriver, number: int) -> str:
     ua = t.user_attrs
     status = ua.get("status", t.state.name.lower())
     head = f"#{number:<4} {status:<11}"
-    if t.state == TrialState.COMPLETE:
+    if t.state == TrialState.COMPLETE or (
+            t.state == TrialState.PRUNED and status in ("measured", "cached")):
         feas = "feasible" if driver.is_feasible(t) else "over budget"
         flags = measurement_flags(ua)
         note = f"  [{flags}]" if flags else ""
         seed = f"  (warm start: {ua['warm_start']})" if "warm_start" in ua else ""
-        return (f"{head} quality {t.values[0]:<10.4g} {_latency_text(driver.config, ua)}  "
+        return (f"{head} quality {ua.get('quality', 0.0):<10.4g} "
+                f"{_latency_text(driver.config, ua)}  "
                 f"{ua.get('params', 0) / 1e6:.2f}M params  {feas}{note}{seed}  "
                 f"{ua.get('summary', '')}")
     if t.state == TrialState.PRUNED and status == STATUS_PREDICTED:

@@ -11,7 +11,7 @@ from typing import Any
 
 from optuna.trial import FrozenTrial, TrialState
 
-from search.study import SearchConfig, SearchDriver
+from search.study import SearchConfig, SearchDriver, named_constraints
 
 
 def trial_row(t: FrozenTrial, objective: str = "latency_ms") -> dict[str, Any]:
@@ -27,7 +27,7 @@ def trial_row(t: FrozenTrial, objective: str = "latency_ms") -> dict[str, Any]:
         "latency": t.values[1] if t.values else ua.get(objective),
         "latency_objective": objective,
         "latency_ms": ua.get("latency_ms"),
-        "constraints": dict(t.constraints),
+        "constraints": named_constraints(t),
     }
     for key in ("latency_p90_ms", "latency_iqr_ms", "latency_cv", "latency_n",
                 "latency_ratio", "latency_ratio_cv", "reference", "reference_latency_ms",
@@ -135,8 +135,8 @@ def plot_pareto(driver: SearchDriver, path: Path, references: list[dict[str, Any
 
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
     feas_x, feas_y, inf_x, inf_y = [], [], [], []
-    for t in driver.trials(TrialState.COMPLETE):
-        x = x_of(t.user_attrs, t.values[1])
+    for t in driver.measured():
+        x = x_of(t.user_attrs)
         if x is None:
             continue
         if driver.is_feasible(t):
@@ -144,7 +144,7 @@ def plot_pareto(driver: SearchDriver, path: Path, references: list[dict[str, Any
             feas_y.append(t.values[0])
         else:
             inf_x.append(x)
-            inf_y.append(t.values[0])
+            inf_y.append(t.user_attrs["quality"])
     if inf_x:
         ax.scatter(inf_x, inf_y, marker="x", color="0.6", s=28, label="over a budget")
     if feas_x:
@@ -258,7 +258,7 @@ def predictor_summary(driver: SearchDriver) -> dict[str, Any]:
 
     obj = driver.config.latency_objective
     pairs = []
-    for t in driver.trials(TrialState.COMPLETE):
+    for t in driver.measured():
         ua = t.user_attrs
         if ua.get("status") == "measured" and isinstance(ua.get(f"predicted_{obj}"),
                                                           int | float):

@@ -454,13 +454,32 @@ def write_trial_attrs(study: optuna.Study, trial: optuna.trial.Trial,
 
         cached = trial._cached_frozen_trial
         cached.user_attrs.update(user_attrs)
-        cached.system_attrs.update({f"{_CONSTRAINTS_KEY}:{k}": float(v)
-                                    for k, v in constraints.items()})
+        cached.system_attrs.update(_system_constraint_attrs(constraints, _CONSTRAINTS_KEY))
         return
     for key, value in user_attrs.items():
         trial.set_user_attr(key, value)
     for name, value in constraints.items():
         trial.set_constraint(name, value)
+    if constraints:
+        trial.storage.set_trial_system_attr(trial._trial_id, "constraints",
+                                            [float(v) for v in constraints.values()])
+
+
+def named_constraints(t: FrozenTrial) -> dict[str, float]:
+    """A trial's constraints by budget name. Optuna also reads the legacy ``constraints``
+    list written for optuna-dashboard, as ``"0"``, ``"1"``...: the same values again,
+    left out here."""
+    return {k: v for k, v in t.constraints.items() if not k.isdigit()}
+
+
+def _system_constraint_attrs(constraints: dict[str, float], key: str) -> dict[str, Any]:
+    """Optuna 5 keeps one ``constraints:<name>`` system attribute per constraint;
+    optuna-dashboard 0.21 reads one legacy ``constraints`` list (its plots tell feasible
+    from infeasible trials by it): write both, the list in the same order."""
+    out: dict[str, Any] = {f"{key}:{k}": float(v) for k, v in constraints.items()}
+    if constraints:
+        out["constraints"] = [float(v) for v in constraints.values()]
+    return out
 
 
 def _write_rdb_attrs(backend: optuna.storages.RDBStorage, trial_id: int,
@@ -469,7 +488,7 @@ def _write_rdb_attrs(backend: optuna.storages.RDBStorage, trial_id: int,
     from optuna.storages._rdb.storage import _create_scoped_session
     from optuna.trial._trial import _CONSTRAINTS_KEY
 
-    system = {f"{_CONSTRAINTS_KEY}:{k}": float(v) for k, v in constraints.items()}
+    system = _system_constraint_attrs(constraints, _CONSTRAINTS_KEY)
     dialect = backend.engine.name
     with _create_scoped_session(backend.scoped_session, True) as session:
         row = models.TrialModel.find_or_raise_by_id(trial_id, session)
@@ -990,6 +1009,7 @@ class SearchDriver:
         for name, value in constraints.items():
             new[f"constraint_{name}"] = value
         new["feasible"] = int(all(v <= 0 for v in constraints.values()))
+        new["latency_objective"] = self.config.latency_objective
         pending.update(new)
         objective = ratio if self.config.latency_objective == "latency_ratio" else None
         objective = lat.latency_ms.median if objective is None else objective
@@ -1000,7 +1020,14 @@ class SearchDriver:
             key = stored.get("cache_key")
             if key:
                 self.cache.put(key, outcome)
-        self.study.tell(number, [quality, objective])
+        if new["feasible"]:
+            self.study.tell(number, [quality, objective])
+        else:
+            # Measured over a latency budget: PRUNED with its constraints and figures as
+            # attributes. TPE ranks it with the infeasible trials by violation exactly as a
+            # COMPLETE one; optuna-dashboard, which picks "best trials" from every COMPLETE
+            # trial without a look at constraints, never tags it best (docs/search.md).
+            self.study.tell(number, state=TrialState.PRUNED)
 
     # ---- multi-fidelity: rung values and pruning ------------------------------------------
     #
@@ -1130,6 +1157,13 @@ class SearchDriver:
         return (t.state == TrialState.COMPLETE and t.values is not None
                 and all(v <= 0 for v in t.constraints.values()))
 
+    def measured(self) -> list[FrozenTrial]:
+        """Trials with a measurement (measured or from the cache), feasible (COMPLETE) or
+        over a latency budget (PRUNED, figures in the user attributes)."""
+        return [t for t in self.trials(TrialState.COMPLETE, TrialState.PRUNED)
+                if t.user_attrs.get("status") in (STATUS_MEASURED, STATUS_CACHED)
+                and isinstance(t.user_attrs.get("quality"), int | float)]
+
     def feasible(self) -> list[FrozenTrial]:
         return [t for t in self.trials(TrialState.COMPLETE) if self.is_feasible(t)]
 
@@ -1211,6 +1245,7 @@ __all__ = [
     "SearchError",
     "make_sampler",
     "make_storage",
+    "named_constraints",
     "owner_alive",
     "process_owner",
     "redact_url",

@@ -96,6 +96,12 @@ def is_feasible(t) -> bool:
     )
 
 
+def named_constraints(t) -> dict[str, float]:
+    from search.study import named_constraints as by_name
+
+    return by_name(t)
+
+
 def trial_view(t, *, include_spec: bool = False, include_attrs: bool = True) -> dict[str, Any]:
     """A JSON-able summary of an Optuna FrozenTrial made by the search driver."""
     attrs = dict(t.user_attrs)
@@ -103,12 +109,12 @@ def trial_view(t, *, include_spec: bool = False, include_attrs: bool = True) -> 
         "number": t.number,
         "state": t.state.name,
         "values": (
-            {"quality": t.values[0], "latency_ms": t.values[1]}
+            {"quality": t.values[0], attrs.get("latency_objective", "latency_ms"): t.values[1]}
             if t.values is not None and len(t.values) == 2
             else None
         ),
         "feasible": is_feasible(t),
-        "constraints": dict(t.constraints or {}),
+        "constraints": named_constraints(t),
         "params_sampled": dict(t.params),
         "datetime_start": t.datetime_start,
         "datetime_complete": t.datetime_complete,
