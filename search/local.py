@@ -412,6 +412,13 @@ def _run_search(config: SearchConfig, storage: str, study_name: str, out: Path,
     result["exports"] = exports
     result["export_errors"] = errors
     result["plot"] = str(plot)
+    from search.review import artifact_dir_for, write_review
+
+    try:
+        result["review"] = write_review(driver, references, artifact_dir_for(storage, out)
+                                        if export else None, plot)
+    except Exception as exc:  # the search's own results stand without the notes
+        result["review"] = {"error": (str(exc).strip().splitlines() or [repr(exc)])[0]}
     result_json = out / "result.json"
     result_json.write_text(json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
     cache.close()

@@ -495,24 +495,42 @@ def _write_rdb_attrs(backend: optuna.storages.RDBStorage, trial_id: int,
         backend.check_trial_is_updatable(trial_id, row.state)
         for model, attrs in ((models.TrialUserAttributeModel, user_attrs),
                              (models.TrialSystemAttributeModel, system)):
-            if not attrs:
-                continue
-            values = [{"trial_id": trial_id, "key": k, "value_json": json.dumps(v)}
-                      for k, v in attrs.items()]
-            if dialect in ("sqlite", "postgresql"):
-                if dialect == "sqlite":
-                    from sqlalchemy.dialects.sqlite import insert
-                else:
-                    from sqlalchemy.dialects.postgresql import insert
-                stmt = insert(model).values(values)
-                stmt = stmt.on_conflict_do_update(
-                    index_elements=[model.trial_id, model.key],
-                    set_={"value_json": stmt.excluded.value_json})
-                session.execute(stmt)
-            else:
-                for key, value in attrs.items():
-                    backend._set_trial_attr_without_commit(session, model, trial_id, key,
-                                                           value)
+            _upsert_attrs(backend, session, dialect, model, trial_id, attrs)
+
+
+def _upsert_attrs(backend: Any, session: Any, dialect: str, model: Any, trial_id: int,
+                  attrs: dict[str, Any]) -> None:
+    if not attrs:
+        return
+    values = [{"trial_id": trial_id, "key": k, "value_json": json.dumps(v)}
+              for k, v in attrs.items()]
+    if dialect in ("sqlite", "postgresql"):
+        if dialect == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert
+        else:
+            from sqlalchemy.dialects.postgresql import insert
+        stmt = insert(model).values(values)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[model.trial_id, model.key],
+            set_={"value_json": stmt.excluded.value_json})
+        session.execute(stmt)
+    else:
+        for key, value in attrs.items():
+            backend._set_trial_attr_without_commit(session, model, trial_id, key, value)
+
+
+def write_finished_trial_system_attrs(backend: optuna.storages.RDBStorage, trial_id: int,
+                                      attrs: dict[str, Any]) -> None:
+    """System attributes on a finished trial, in one transaction: for what a reviewer
+    adds once a search is over (artifact records of the Pareto members), which Optuna's
+    public API refuses for finished trials. Nothing a sampler reads is written here."""
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    with _create_scoped_session(backend.scoped_session, True) as session:
+        models.TrialModel.find_or_raise_by_id(trial_id, session)
+        _upsert_attrs(backend, session, backend.engine.name, models.TrialSystemAttributeModel,
+                      trial_id, attrs)
 
 
 class _DeferredParams:

@@ -67,7 +67,8 @@ def test_dashboard_warns_when_bound_beyond_localhost(tmp_path, monkeypatch):
     optuna.create_study(storage=f"sqlite:///{db}", study_name="s")
     served = {}
     monkeypatch.setattr(optuna_dashboard, "run_server",
-                        lambda storage, host, port: served.update(host=host, port=port))
+                        lambda storage, host, port, artifact_store=None:
+                        served.update(host=host, port=port))
     result = runner.invoke(app, ["dashboard", "--storage", f"sqlite:///{db}",
                                  "--host", "0.0.0.0"])
     assert result.exit_code == 0, result.output

@@ -295,12 +295,19 @@ def dashboard(
         rdb = make_storage(url)
     except SearchError as exc:
         fail(str(exc))
+    from optuna.artifacts import FileSystemArtifactStore
     from optuna_dashboard import run_server
+
+    from search.review import artifact_dir_for
+
+    artifacts = artifact_dir_for(url)
+    store = FileSystemArtifactStore(str(artifacts)) if artifacts and artifacts.is_dir() \
+        else None
 
     typer.echo(f"optuna-dashboard on http://{host}:{port}/ for {url}", err=True)
     sys.stderr.flush()
     try:
-        run_server(rdb, host=host, port=port)
+        run_server(rdb, host=host, port=port, artifact_store=store)
     except OSError as exc:
         fail(f"cannot serve on {host}:{port}: {exc}")
 
