@@ -31,6 +31,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import or_, select, update
@@ -516,8 +517,26 @@ class Scheduler:
         self._drivers.pop(job.id, None)
         tick.finalized = True
         tick.status = status
+        if driver is not None and status == JobStatus.COMPLETED:
+            self._review(job, driver)
         log.info("job %s %s: %d Pareto trials, winner %s", job.id, status, len(pareto),
                  winner["number"] if winner else None)
+
+
+    def _review(self, job: Job, driver: SearchDriver) -> None:
+        """Notes and artifacts for optuna-dashboard (search/review.py), once the job is
+        completed. A failure here never changes the job: it is logged."""
+        from search.review import write_review
+
+        folder = Path(self.settings.artifact_dir) if self.settings.artifact_dir else None
+        try:
+            out = write_review(driver, None, folder)
+        except Exception as exc:
+            log.warning("job %s: dashboard notes and artifacts not written: %s", job.id,
+                        (str(exc).strip().splitlines() or [repr(exc)])[0])
+            return
+        log.info("job %s: %d dashboard notes, artifacts for %d Pareto trials", job.id,
+                 out["notes"], len([k for k in out["artifacts"] if k != "study"]))
 
 
 def _outcome_of(row: Task) -> EvalOutcome:

@@ -40,6 +40,10 @@ class Settings(BaseSettings):
         False, description="/metrics answers without auth unless this is set (then an API key)"
     )
     export_dir: str = Field("./fitnas-exports", description="on-demand export files")
+    artifact_dir: str | None = Field(
+        "./fitnas-artifacts", description="optuna-dashboard artifacts of finished jobs (each "
+        "Pareto member's JSON, PyTorch and ONNX): give optuna-dashboard the same folder "
+        "with --artifact-dir; empty: none")
 
     # ---- workers and leases ----
     lease_timeout_s: float = Field(60.0, gt=0, le=24 * 3600)

@@ -122,6 +122,7 @@ def make_settings(migrated_url, tmp_path):
             "max_attempts": 3,
             "lease_poll_interval_s": 0.05,
             "export_dir": str(tmp_path / "exports"),
+            "artifact_dir": str(tmp_path / "artifacts"),
             "db_pool_size": 5,
         }
         values.update(overrides)

@@ -5,8 +5,10 @@ between replicas, restarts and orphaned trials, the real evaluator."""
 
 from __future__ import annotations
 
+import json
 import threading
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select, update
@@ -138,6 +140,21 @@ def test_forty_trials_two_workers_each_told_once(client, app, settings, user_key
     assert ArchSpec.model_validate_json(r.content).hash == other["spec_hash"]
     r = client.get(f"/v1/jobs/{job['id']}/export?format=json&trial=999", headers=h)
     assert r.status_code == 404
+
+    # the finished job is reviewable in optuna-dashboard: notes and Pareto artifacts
+    import optuna
+
+    study = optuna.load_study(study_name=job["study_name"],
+                              storage=settings.optuna_url)
+    notes = {k for k in study._storage.get_study_system_attrs(study._study_id)
+             if k.startswith("dashboard:")}
+    assert notes, "no dashboard notes written"
+    for f in front:
+        t = study.trials[f["number"]]
+        names = sorted(json.loads(v)["filename"] for k, v in t.system_attrs.items()
+                       if k.startswith("artifacts:"))
+        assert names == ["model.json", "model.onnx", "model.py"], names
+    assert any(Path(settings.artifact_dir).iterdir())
 
 
 @pytest.mark.timeout(300)
