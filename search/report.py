@@ -118,22 +118,64 @@ def _fit(table, width: int) -> None:
             table.columns.pop(index)
 
 
+# Signals whose value is a logarithm (the plot's y label says so).
+LOG_SIGNALS = {"synflow": "log SynFlow", "naswot": "log det of the NASWOT kernel",
+               "zico": "ZiCo (sum of logs)"}
+
+
+def _budget_text(budgets: Any) -> str:
+    parts = []
+    if budgets.max_latency_ratio is not None:
+        parts.append(f"<= {budgets.max_latency_ratio:g}x ref")
+    if budgets.max_latency_ms is not None:
+        parts.append(f"<= {budgets.max_latency_ms:g} ms")
+    if budgets.max_params is not None:
+        parts.append(f"<= {budgets.max_params:,} params")
+    if budgets.max_macs is not None:
+        parts.append(f"<= {budgets.max_macs:,} MACs")
+    if budgets.max_activation_bytes is not None:
+        parts.append(f"<= {budgets.max_activation_bytes / 2**20:.3g} MiB activations")
+    return ", ".join(parts) or "no budget"
+
+
 def plot_pareto(driver: SearchDriver, path: Path, references: list[dict[str, Any]],
                 title: str = "") -> Path:
+    """:func:`pareto_figure` as a PNG at ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig = pareto_figure(driver, references, title)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def pareto_figure(driver: SearchDriver, references: list[dict[str, Any]], title: str = ""):
     """Quality against latency: measured trials (feasible / over a budget), the Pareto
-    front, the latency budget line and reference networks; PNG via the Agg backend."""
+    front, the latency budget line and reference networks; PNG via the Agg backend.
+    The title names the space, target and budget, the x label the reference network.
+    With ``--signal none`` (no quality) it plots parameters against latency, with the
+    parameter budget as a line; with nothing measured it says why instead of drawing
+    empty axes."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    budgets = driver.config.budgets
-    use_ratio = driver.config.latency_objective == "latency_ratio"
+    config = driver.config
+    budgets = config.budgets
+    use_ratio = config.latency_objective == "latency_ratio"
+    signal = config.quality.signal
+    by_params = signal == "none"
 
     def x_of(ua_or_row: dict[str, Any], latency: float | None = None) -> float | None:
         return ua_or_row.get("latency_ratio") if use_ratio else ua_or_row.get("latency_ms")
 
+    def y_of(ua: dict[str, Any], value: float | None) -> float | None:
+        return ua.get("params") if by_params else value
+
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
+    head = title or (f"{config.space.name} on {config.target}: {_budget_text(budgets)}")
     feas_x, feas_y, inf_x, inf_y = [], [], [], []
     for t in driver.measured():
         x = x_of(t.user_attrs)
@@ -141,35 +183,55 @@ def plot_pareto(driver: SearchDriver, path: Path, references: list[dict[str, Any
             continue
         if driver.is_feasible(t):
             feas_x.append(x)
-            feas_y.append(t.values[0])
+            feas_y.append(y_of(t.user_attrs, t.values[0]))
         else:
             inf_x.append(x)
-            inf_y.append(t.user_attrs["quality"])
+            inf_y.append(y_of(t.user_attrs, t.user_attrs["quality"]))
+    ref_pts = [r for r in references if r.get("ok")]
+    if not (feas_x or inf_x or ref_pts):
+        counts = summary_counts(driver)
+        ax.axis("off")
+        ax.text(0.5, 0.5, "nothing to plot: no trial was measured\n"
+                f"({counts['over_budget']} over a params/MACs/memory budget, "
+                f"{counts['predicted_over_budget']} predicted over the latency budget, "
+                f"{counts['failed']} failed)", ha="center", va="center", fontsize=11,
+                wrap=True)
+        ax.set_title(head, fontsize=10)
+        return fig
     if inf_x:
         ax.scatter(inf_x, inf_y, marker="x", color="0.6", s=28, label="over a budget")
     if feas_x:
         ax.scatter(feas_x, feas_y, color="tab:blue", s=22, alpha=0.7, label="feasible")
     front = driver.pareto()
-    if front:
+    if front and not by_params:
         fx = [x_of(t.user_attrs, t.values[1]) for t in front]
         fy = [t.values[0] for t in front]
         ax.step(fx, fy, where="post", color="tab:red", lw=1.5)
         ax.scatter(fx, fy, color="tab:red", s=40, zorder=3, label="Pareto set")
-        rec = driver.recommend()
-        if rec is not None:
-            ax.scatter([x_of(rec.user_attrs, rec.values[1])], [rec.values[0]], s=220,
-                       facecolors="none", edgecolors="black", lw=1.5, zorder=4,
-                       label=f"recommended (#{rec.number})")
+    rec = driver.recommend()
+    if rec is not None:
+        ax.scatter([x_of(rec.user_attrs, rec.values[1])], [y_of(rec.user_attrs, rec.values[0])],
+                   s=220, facecolors="none", edgecolors="black", lw=1.5, zorder=4,
+                   label=f"recommended (#{rec.number})")
     budget = budgets.max_latency_ratio if use_ratio else budgets.max_latency_ms
     if budget is not None:
         ax.axvline(budget, color="tab:green", ls="--", lw=1.2,
                    label=f"budget {budget:g}{'x ref' if use_ratio else ' ms'}")
-    ref_pts = [r for r in references if r.get("ok")]
+    if budgets.max_params is not None:
+        if by_params:
+            ax.axhline(budgets.max_params, color="tab:purple", ls=":", lw=1.2,
+                       label=f"params budget {budgets.max_params:,}")
+        else:
+            ax.text(0.01, 0.01, f"params budget {budgets.max_params:,} (networks over it "
+                    "were never measured)", transform=ax.transAxes, fontsize=7,
+                    color="tab:purple", va="bottom")
     if ref_pts:
-        rx = [x_of(r, r.get("latency_ms")) for r in ref_pts]
-        ry = [r.get("quality") for r in ref_pts]
-        keep = [(x, y, r["name"]) for x, y, r in zip(rx, ry, ref_pts, strict=True)
-                if x is not None and y is not None]
+        keep = []
+        for r in ref_pts:
+            x = x_of(r, r.get("latency_ms"))
+            y = r.get("params") if by_params else r.get("quality")
+            if x is not None and y is not None:
+                keep.append((x, y, r["name"]))
         if keep:
             ax.scatter([k[0] for k in keep], [k[1] for k in keep], marker="*", s=140,
                        color="tab:orange", edgecolors="black", lw=0.5, zorder=5,
@@ -177,19 +239,22 @@ def plot_pareto(driver: SearchDriver, path: Path, references: list[dict[str, Any
             for x, y, name in keep:
                 ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, 4),
                             fontsize=8)
-    signal = driver.config.quality.signal
-    ax.set_xlabel("latency relative to the reference network" if use_ratio
+    reference = config.measure.reference or "the reference"
+    reference = reference if len(reference) <= 40 else "the reference network"
+    ax.set_xlabel(f"latency relative to {reference} (timed interleaved)" if use_ratio
                   else "latency, median (ms)")
-    ax.set_ylabel(f"quality ({signal})")
-    ax.set_title(title or f"{driver.study.study_name} on {driver.config.target}", fontsize=10)
+    if by_params:
+        ax.set_ylabel("parameters (no quality signal)")
+    elif signal in LOG_SIGNALS:
+        ax.set_ylabel(f"quality: {LOG_SIGNALS[signal]} (a log value)")
+    else:
+        ax.set_ylabel(f"quality ({signal})")
+    ax.set_title(head, fontsize=10)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def export_winner(spec, out_dir: Path) -> tuple[dict[str, str], dict[str, str]]:
@@ -308,5 +373,6 @@ def build_result(driver: SearchDriver, storage: str, references: list[dict[str, 
     }
 
 
-__all__ = ["build_result", "export_winner", "measurement_flags", "pareto_table", "plot_pareto",
-           "predictor_summary", "summary_counts", "timing", "trial_row"]
+__all__ = ["build_result", "export_winner", "measurement_flags", "pareto_figure",
+           "pareto_table", "plot_pareto", "predictor_summary", "summary_counts", "timing",
+           "trial_row"]
