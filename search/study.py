@@ -202,7 +202,9 @@ class SearchConfig(_Model):
         return "latency_ms"
 
     def metric_names(self) -> list[str]:
-        return ["quality", self.latency_objective]
+        """The objectives' names as optuna-dashboard shows them: the quality with its
+        signal, and the latency figure the budget is written in."""
+        return [f"quality ({self.quality.signal})", self.latency_objective]
 
     def latency_budgets(self) -> dict[str, float]:
         out = {}
@@ -760,7 +762,12 @@ class SearchDriver:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 names = study.metric_names
-            if names is not None and names != config.metric_names():
+            if names is not None and names[1:] == config.metric_names()[1:] \
+                    and names != config.metric_names():
+                with warnings.catch_warnings():  # an older label for the same objectives
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    study.set_metric_names(config.metric_names())
+            elif names is not None and names != config.metric_names():
                 raise SearchError(
                     f"study {study_name!r} optimizes {names[1]}, this version "
                     f"{config.latency_objective}; give another --study name")

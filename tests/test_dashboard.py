@@ -89,7 +89,7 @@ def test_dashboard_serves_the_study_metric_names_and_user_attrs(storage, tmp_pat
         assert study_attrs["fitnas.budget.max_latency_ms"] == "5.0"
 
         detail = httpx.get(f"{base}/api/studies/{summary['study_id']}", timeout=10).json()
-        assert detail["objective_names"] == ["quality", "latency_ms"]
+        assert detail["objective_names"] == ["quality (synflow)", "latency_ms"]
         states = {t["state"] for t in detail["trials"]}
         assert {"Complete", "Pruned"} <= states
         complete = next(t for t in detail["trials"] if t["state"] == "Complete")

@@ -103,7 +103,7 @@ class Service:
         assert len(ids) == 1, (study_name, studies)
         detail = httpx.get(f"{self.dashboard_url}/api/studies/{ids[0]}", timeout=60).json()
         assert detail["name"] == study_name
-        assert detail["objective_names"] == ["quality", "latency_ms"]
+        assert detail["objective_names"] == ["quality (synflow)", "latency_ms"]
         return detail["trials"]
 
     def all_logs(self) -> str:

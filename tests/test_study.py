@@ -88,7 +88,7 @@ def test_open_sets_directions_metric_names_and_config(url):
     driver = open_driver(url, config)
     study = optuna.load_study(study_name="s", storage=url)
     assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
-    assert study.metric_names == ["quality", "latency_ms"]
+    assert study.metric_names == ["quality (synflow)", "latency_ms"]
     stored = SearchConfig.model_validate(study.user_attrs["fitnas.config"])
     assert stored == config
     assert study.user_attrs["fitnas.budget.max_latency_ms"] == 5.0
@@ -349,7 +349,7 @@ def test_config_takes_a_builtin_space_by_name_but_never_a_path(tmp_path):
 def test_a_ratio_budget_selects_on_the_ratio_and_records_both_figures(url):
     config = tiny_config(budgets=Budgets(max_latency_ratio=1.0))
     driver = open_driver(url, config)
-    assert driver.study.metric_names == ["quality", "latency_ratio"]
+    assert driver.study.metric_names == ["quality (synflow)", "latency_ratio"]
     # A is slower in ms (it ran under contention) but faster relative to the reference
     a = driver.ask()
     driver.tell(a.trial_number, outcome_for(a, config, 9.0, 5.0, ratio=0.5))
@@ -362,7 +362,7 @@ def test_a_ratio_budget_selects_on_the_ratio_and_records_both_figures(url):
     assert driver.recommend().number == a.trial_number
     # an ms budget keeps milliseconds; the study remembers which one it optimizes
     ms = tiny_config(budgets=Budgets(max_latency_ms=5.0))
-    assert ms.metric_names() == ["quality", "latency_ms"]
+    assert ms.metric_names() == ["quality (synflow)", "latency_ms"]
 
 
 def test_warm_start_enqueues_seeds_then_references_as_the_first_trials(url):
