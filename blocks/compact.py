@@ -52,6 +52,7 @@ _BLOCK_KEYS = {
     "act": "a",
     "pw_act": "pwa",
     "residual": "res",
+    "projection": "proj",
 }
 _SE_KEYS = {"ratio": "se", "base": "seb", "divisor": "sed", "act": "sea", "gate": "seg"}
 _LAYER_KEYS = {"kernel": "k", "stride": "s", "out_channels": "c", "act": "a"}
