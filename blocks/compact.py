@@ -52,6 +52,7 @@ _BLOCK_KEYS = {
     "act": "a",
     "pw_act": "pwa",
     "residual": "res",
+    "projection": "proj",
 }
 _SE_KEYS = {"ratio": "se", "base": "seb", "divisor": "sed", "act": "sea", "gate": "seg"}
 _LAYER_KEYS = {"kernel": "k", "stride": "s", "out_channels": "c", "act": "a"}
@@ -108,16 +109,23 @@ def _block_tokens(block: BaseModel, repeats: int) -> list[str]:
     return toks
 
 
+def block_compact(block: BaseModel, repeats: int = 1) -> str:
+    """One stage's part: its kind's prefix and tokens (``ir_r2_s2_c24_a-relu6``)."""
+    return "_".join([KIND_PREFIX[block.kind], *_block_tokens(block, repeats)])
+
+
+def layer_compact(layer: ConvLayer) -> str:
+    """A stem or head layer's part, without its ``stem:`` / ``head:`` label (``cn_s2_c32``)."""
+    return "_".join(["cn", *_tokens(layer, _LAYER_KEYS, always=("out_channels",))])
+
+
 def to_compact(spec: ArchSpec) -> str:
     net = ["net", *_tokens(spec, _NET_KEYS, always=("schema_version", "resolution"))]
     parts = ["_".join(net)]
-    layer = lambda m: "_".join(["cn", *_tokens(m, _LAYER_KEYS, always=("out_channels",))])  # noqa: E731
-    parts.append("stem:" + layer(spec.stem))
-    for stage in spec.stages:
-        kind = KIND_PREFIX[stage.block.kind]
-        parts.append("_".join([kind, *_block_tokens(stage.block, stage.repeats)]))
+    parts.append("stem:" + layer_compact(spec.stem))
+    parts += [block_compact(stage.block, stage.repeats) for stage in spec.stages]
     if spec.head is not None:
-        parts.append("head:" + layer(spec.head))
+        parts.append("head:" + layer_compact(spec.head))
     fc = _tokens(spec.classifier, _FC_KEYS)
     if fc:
         parts.append("_".join(["fc", *fc]))
@@ -240,5 +248,5 @@ def _located(exc: ValidationError, wheres: dict[str, str]) -> str:
     return f"invalid spec: {where}: {validation_message(errors, exc.error_count())}"
 
 
-__all__ = ["Classifier", "CompactFormatError", "ConvLayer", "SESpec", "compact_dict",
-           "from_compact", "to_compact"]
+__all__ = ["Classifier", "CompactFormatError", "ConvLayer", "SESpec", "block_compact",
+           "compact_dict", "from_compact", "layer_compact", "to_compact"]

@@ -212,6 +212,13 @@ class CostGraph:
         c = self.ch(inputs[0]) if c is None else c
         return self.op(inputs, c, self.hw(inputs[0]), counted=False)
 
+    def shortcut(self, x: int, c: int, stride: int, projection: bool) -> int:
+        """A residual's other input: ``x``, or its 1x1 projection (strided, with norm) when
+        ``projection`` and the width or stride changes."""
+        if projection and (stride != 1 or self.ch(x) != c):
+            return self.conv(x, c, 1, stride)
+        return x
+
     def view(self, x: int, c: int) -> int:
         """The first or last ``c`` channels of ``x``, as a view: no memory of its own (``x``
         must stay an input of a later op, which keeps it live)."""

@@ -118,17 +118,31 @@ class SqueezeExcite(nn.Module):
         return x * s
 
 
-class Residual(nn.Module):
-    """``body(x) + x`` when enabled; the body alone otherwise."""
+def projection(in_channels: int, out_channels: int, stride: int, norm_layer: NormLayer,
+               wanted: bool) -> nn.Module | None:
+    """The 1x1 conv (strided) + norm shortcut of a residual that changes the width or the
+    stride, when ``wanted`` and needed; ``None`` otherwise (an identity shortcut or none)."""
+    if wanted and (stride != 1 or in_channels != out_channels):
+        return ConvNormAct(in_channels, out_channels, 1, stride, norm_layer=norm_layer,
+                           act_layer=None)
+    return None
 
-    def __init__(self, body: nn.Module, enabled: bool):
+
+class Residual(nn.Module):
+    """``body(x) + x`` (or ``+ shortcut(x)``, a projection) when enabled; the body alone
+    otherwise."""
+
+    def __init__(self, body: nn.Module, enabled: bool, shortcut: nn.Module | None = None):
         super().__init__()
         self.body = body
         self.enabled = enabled
+        self.shortcut = shortcut
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.body(x)
-        return y + x if self.enabled else y
+        if not self.enabled:
+            return y
+        return y + (self.shortcut(x) if self.shortcut is not None else x)
 
 
 class FactorizedConv(nn.Sequential):
@@ -174,31 +188,41 @@ class SeparableConvNormAct(nn.Sequential):
 
 
 class DepthwiseSeparable(nn.Module):
-    """MobileNetV1 block: depthwise kxk-norm-act [-> SE] -> pointwise 1x1-norm[-act]."""
+    """MobileNetV1 block: depthwise kxk-norm-act [-> SE] -> pointwise 1x1-norm[-act]; with
+    ``residual``, an identity shortcut when stride 1 and widths match, or a projection
+    where they do not when ``project_shortcut``."""
 
     def __init__(self, in_channels, out_channels, kernel=3, stride=1, dilation=1,
                  norm_layer: NormLayer = nn.BatchNorm2d, act_layer: ActLayer = ACTIVATIONS["relu"],
-                 se: nn.Module | None = None, pw_act: bool = True, residual: bool = False):
+                 se: nn.Module | None = None, pw_act: bool = True, residual: bool = False,
+                 project_shortcut: bool = False):
         super().__init__()
         self.dw = ConvNormAct(in_channels, in_channels, kernel, stride, dilation, in_channels,
                               norm_layer, act_layer)
         self.se = se if se is not None else nn.Identity()
         self.pw = ConvNormAct(in_channels, out_channels, 1, norm_layer=norm_layer,
                               act_layer=act_layer if pw_act else None)
-        self.use_residual = residual and stride == 1 and in_channels == out_channels
+        self.shortcut = projection(in_channels, out_channels, stride, norm_layer,
+                                   residual and project_shortcut)
+        self.use_residual = residual and (
+            self.shortcut is not None or (stride == 1 and in_channels == out_channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.pw(self.se(self.dw(x)))
-        return y + x if self.use_residual else y
+        if not self.use_residual:
+            return y
+        return y + (self.shortcut(x) if self.shortcut is not None else x)
 
 
 class InvertedResidual(nn.Module):
     """MBConv: [1x1 expand-norm-act] -> depthwise kxk-norm-act -> [SE] -> 1x1 project-norm
-    (linear), identity shortcut when stride 1 and widths match."""
+    (linear), identity shortcut when stride 1 and widths match, a projection shortcut where
+    they do not when ``project_shortcut``."""
 
     def __init__(self, in_channels, out_channels, mid_channels, kernel=3, stride=1, dilation=1,
                  norm_layer: NormLayer = nn.BatchNorm2d, act_layer: ActLayer = ACTIVATIONS["relu6"],
-                 se: nn.Module | None = None, residual: bool = True):
+                 se: nn.Module | None = None, residual: bool = True,
+                 project_shortcut: bool = False):
         super().__init__()
         self.expand = (
             ConvNormAct(in_channels, mid_channels, 1, norm_layer=norm_layer, act_layer=act_layer)
@@ -210,11 +234,16 @@ class InvertedResidual(nn.Module):
         self.se = se if se is not None else nn.Identity()
         self.project = ConvNormAct(mid_channels, out_channels, 1, norm_layer=norm_layer,
                                    act_layer=None)
-        self.use_residual = residual and stride == 1 and in_channels == out_channels
+        self.shortcut = projection(in_channels, out_channels, stride, norm_layer,
+                                   residual and project_shortcut)
+        self.use_residual = residual and (
+            self.shortcut is not None or (stride == 1 and in_channels == out_channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.project(self.se(self.dw(self.expand(x))))
-        return y + x if self.use_residual else y
+        if not self.use_residual:
+            return y
+        return y + (self.shortcut(x) if self.shortcut is not None else x)
 
 
 class Bottleneck(nn.Module):

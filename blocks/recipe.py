@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from blocks.fields import SESpec, se_channels
-from blocks.layers import SqueezeExcite, activation
+from blocks.layers import ConvNormAct, SqueezeExcite, activation
 
 
 class _Norm:
@@ -50,6 +50,15 @@ def se_call(se: SESpec | None, cin: int, mid: int) -> Call | None:
         return None
     return call(SqueezeExcite, mid, se_channels(se, cin, mid), act_layer=Act(se.act),
                 gate_layer=Act(se.gate))
+
+
+def projection_call(cin: int, cout: int, stride: int, wanted: bool) -> Call | None:
+    """A residual's 1x1 projection (strided, then norm) where the width or stride changes
+    and ``wanted``; ``None`` (the identity) otherwise."""
+    if wanted and (stride != 1 or cin != cout):
+        return call(ConvNormAct, cin, cout, kernel=1, stride=stride, norm_layer=NORM,
+                    act_layer=None)
+    return None
 
 
 def instantiate(value: Any, norm: Any) -> Any:

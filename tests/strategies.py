@@ -51,20 +51,22 @@ def stages(draw, kind: str, cin: int, max_channels: int = 24,
     if kind == "conv":
         groups = draw(st.sampled_from(_divisors(cin)))
         cout = groups * draw(st.integers(1, max(1, max_channels // groups)))
-        residual = stride == 1 and cout == cin and draw(st.booleans())
+        projection = draw(st.booleans())
+        residual = (projection or (stride == 1 and cout == cin)) and draw(st.booleans())
         block.update(out_channels=cout, groups=groups, dilation=draw(st.sampled_from([1, 2])),
-                     residual=residual)
+                     residual=residual, projection=projection)
     elif kind in ("factorized", "spatial_sep"):
         block.update(out_channels=draw(width))
     elif kind == "ds":
         cout = draw(st.one_of(st.just(cin), width))
         block.update(out_channels=cout, dilation=draw(st.sampled_from([1, 2])),
                      se=_maybe_se(draw), pw_act=draw(st.booleans()),
-                     residual=draw(st.booleans()))
+                     residual=draw(st.booleans()), projection=draw(st.booleans()))
     elif kind == "mbconv":
         cout = draw(st.one_of(st.just(cin), width))
         block.update(out_channels=cout, dilation=draw(st.sampled_from([1, 2])),
-                     se=_maybe_se(draw), residual=draw(st.booleans()))
+                     se=_maybe_se(draw), residual=draw(st.booleans()),
+                     projection=draw(st.booleans()))
         if draw(st.booleans()):
             block["mid_channels"] = draw(st.integers(1, 2 * max_channels))
         else:

@@ -219,3 +219,28 @@ def test_structural_error_names_the_field():
     with pytest.raises(SpecError) as err:
         estimate_cost(spec)
     assert err.value.field == "stages[0].block.groups"
+
+
+@pytest.mark.parametrize("kind", ["conv", "ds", "mbconv"])
+def test_projection_shortcut_where_a_residual_changes_shape(kind):
+    """``projection``: a 1x1 conv (strided) + BatchNorm shortcut where the residual changes
+    the width or the stride: 8 -> 16 at stride 2 adds 8 * 16 weights + 2 * 16 norm
+    parameters and 16 * 8 * 8 * 8 MACs at 16x16 input."""
+    def net(**extra):
+        return ArchSpec.model_validate({
+            "resolution": 16, "stem": {"out_channels": 8},
+            "stages": [{"block": {"kind": kind, "out_channels": 16, "stride": 2,
+                                  "residual": True, **extra}}]})
+    projected = net(projection=True)
+    params, macs, _, _ = _measure(projected)
+    cost = estimate_cost(projected)
+    assert (cost.params, cost.macs) == (params, macs)
+    if kind != "conv":  # an identity residual cannot change shape; conv refuses it
+        plain = estimate_cost(net())
+        assert cost.params - plain.params == 8 * 16 + 2 * 16
+        assert cost.macs - plain.macs == 16 * 8 * 8 * 8
+    else:
+        with pytest.raises(SpecError, match="set projection"):
+            estimate_cost(net())
+    x = torch.randn(1, 3, 16, 16)
+    assert build_model(projected).eval()(x).shape == (1, 1000)

@@ -180,24 +180,26 @@ def test_equal_networks_hash_equal_and_different_ones_differ():
 # ---- one network, one hash -----------------------------------------------------------------
 
 
-def _fill(state: dict, positive: bool, seed: int = 0) -> None:
+def _fill(state: dict, positive: bool, seed: int = 0, shift: float = 0.25) -> None:
     """Weights of about 1 / fan-in. Positive ones with positive inputs: no activation
     kills the signal, so a difference in structure shows. Signed, larger ones: values past
-    every activation's knee (relu vs relu6 vs none), so a difference in function shows."""
+    every activation's knee and on both sides of zero (relu vs relu6 vs none), so a
+    difference in function shows."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for key, value in state.items():
             if not value.is_floating_point():
                 continue
             r = torch.rand(value.shape, generator=gen)
-            if not positive:  # mostly positive, so that a path rarely dies
-                r = 4 * (r - 0.25)
+            if not positive:  # shift 0.25: mostly positive (a path rarely dies); 0.5: even
+                r = 8 * (r - shift)
             if key.endswith("running_mean"):
                 value.zero_()
             elif key.endswith("running_var"):
                 value.fill_(1.0)
             elif value.dim() > 1:
-                value.copy_((0.5 + r) * value.shape[0] / value.numel() * (1 if positive else 4))
+                fan_in = value.numel() / value.shape[0]
+                value.copy_((0.5 + r) / fan_in if positive else r / fan_in)
             else:
                 value.copy_(0.2 * r if key.endswith("bias") else 0.8 + 0.4 * r)
 
@@ -212,13 +214,14 @@ def _same_network(a: ArchSpec, b: ArchSpec) -> bool:
         return False
     if a.in_channels != b.in_channels:
         return False
-    for positive, seed in ((True, 0), (False, 1), (False, 2)):
-        _fill(sa, positive, seed)
+    for positive, seed, shift in ((True, 0, 0), (False, 1, 0.25), (False, 2, 0.5),
+                                  (False, 3, 0.5)):
+        _fill(sa, positive, seed, shift)
         mb.load_state_dict(sa)
         gen = torch.Generator().manual_seed(2)
         for res in (a.resolution, 40):
             x = torch.rand(2, a.in_channels, res, res, generator=gen)
-            x = x if positive else 40 * (x - 0.25)
+            x = x if positive else 40 * (x - shift)
             with torch.no_grad():
                 if not torch.equal(ma(x), mb(x)):
                     return False
@@ -262,6 +265,12 @@ SAME_NETWORK_PAIRS = {
     "the residual flag where the width changes": (
         _net({"kind": "ds", "out_channels": 24, "residual": True}),
         _net({"kind": "ds", "out_channels": 24})),
+    "a projection where the shape is kept": (
+        _net({"kind": "mbconv", "out_channels": 16, "projection": True}),
+        _net({"kind": "mbconv", "out_channels": 16})),
+    "a projection without a residual": (
+        _net({"kind": "ds", "out_channels": 24, "stride": 2, "projection": True}),
+        _net({"kind": "ds", "out_channels": 24, "stride": 2})),
     "an SE divisor that changes nothing": (
         _net({"kind": "mbconv", "out_channels": 16, "se": {**_SE, "divisor": 8}}),
         _net({"kind": "mbconv", "out_channels": 16, "se": _SE})),
@@ -293,7 +302,8 @@ def test_canonical_form_keeps_what_changes_the_network():
                            "se": {**se, "divisor": 1}}).hash
 
 
-_NEUTRAL_CANDIDATES = ("residual", "dilation", "expand", "mid_channels", "first_groups")
+_NEUTRAL_CANDIDATES = ("residual", "projection", "dilation", "expand", "mid_channels",
+                       "first_groups")
 
 
 def _neutral_change_case(spec: ArchSpec, data) -> None:
@@ -318,7 +328,8 @@ def _neutral_change_case(spec: ArchSpec, data) -> None:
         cin = next(rb.in_channels for rb in resolve(spec) if rb.stage == i)
         mid = block.get("mid_channels") or max(1, round(cin * block.get("expand", 1.0)))
         block[field] = data.draw({
-            "residual": st.booleans(), "dilation": st.sampled_from([1, 2, 3]),
+            "residual": st.booleans(), "projection": st.booleans(),
+            "dilation": st.sampled_from([1, 2, 3]),
             "expand": st.sampled_from([mid / cin, (mid + 0.3) / cin, 2.0, 6.0]),
             "mid_channels": st.sampled_from([mid, mid + 1]),
             "first_groups": st.sampled_from([None, 1, block.get("groups") or 1]),
@@ -332,7 +343,9 @@ def _neutral_change_case(spec: ArchSpec, data) -> None:
     assert (other.hash == spec.hash) == _same_network(spec, other)
 
 
-_NEUTRAL_SPECS = arch_specs(max_channels=12, max_resolution=16)
+# the kinds with fields that can be no-ops (the others are covered by the round trips)
+_NEUTRAL_SPECS = arch_specs(kinds=("conv", "ds", "mbconv", "bottleneck", "shuffle"),
+                            max_channels=12, max_resolution=16)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])

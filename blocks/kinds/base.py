@@ -51,6 +51,31 @@ def strides(block: Any, ins: tuple[int, ...]) -> list[int]:
     return [block.stride] + [1] * (len(ins) - 1)
 
 
+def keeps_shape(block: Any, ins: tuple[int, ...]) -> list[bool]:
+    """Per repeat: stride 1 and equal widths, where an identity shortcut fits."""
+    return [s == 1 and cin == block.out_channels
+            for s, cin in zip(strides(block, ins), ins, strict=True)]
+
+
+def canonical_projection(block: Any, ins: tuple[int, ...]) -> dict[str, Any]:
+    """``projection`` does nothing without a residual, or when every repeat keeps its
+    shape (the identity serves)."""
+    if block.projection and (not block.residual or all(keeps_shape(block, ins))):
+        return {"projection": False}
+    return {}
+
+
+def canonical_residual(block: Any, ins: tuple[int, ...], default: bool) -> dict[str, Any]:
+    """The ``residual`` and ``projection`` of a block whose shortcut is skipped where it
+    does not fit (``ds``, ``mbconv``): ``projection`` as above; ``residual`` at its default
+    when no repeat can take a shortcut."""
+    out = canonical_projection(block, ins)
+    projection = out.get("projection", block.projection)
+    if not projection and not any(keeps_shape(block, ins)):
+        out["residual"] = default
+    return out
+
+
 @dataclass(frozen=True)
 class BlockKind:
     spec: type[BlockSpec]

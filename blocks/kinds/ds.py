@@ -5,25 +5,31 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from blocks.fields import BlockSpec, Dilation, SESpec, canonical_se
-from blocks.kinds.base import BlockKind, one_by_one_dilation, strides
+from blocks.kinds.base import BlockKind, canonical_residual, one_by_one_dilation
 from blocks.layers import DepthwiseSeparable
 from blocks.recipe import NORM, Act, call, se_call
 
 
 class DepthwiseSeparableBlock(BlockSpec):
-    """MobileNetV1: depthwise kxk-norm-act [-> SE] -> pointwise 1x1-norm[-act]."""
+    """MobileNetV1: depthwise kxk-norm-act [-> SE] -> pointwise 1x1-norm[-act]. ``residual``
+    adds the input where stride is 1 and widths match; with ``projection``, a 1x1
+    projection of it (strided, with norm) where they do not."""
+
+    added_fields = ("projection",)
 
     kind: Literal["ds"] = "ds"
     dilation: Dilation = 1
     se: SESpec | None = None
     pw_act: bool = True
     residual: bool = False
+    projection: bool = False
 
 
 def recipe(b: DepthwiseSeparableBlock, cin: int, cout: int):
     return call(DepthwiseSeparable, cin, cout, kernel=b.kernel, stride=b.stride,
                 dilation=b.dilation, norm_layer=NORM, act_layer=Act(b.act),
-                se=se_call(b.se, cin, cin), pw_act=b.pw_act, residual=b.residual)
+                se=se_call(b.se, cin, cin), pw_act=b.pw_act, residual=b.residual,
+                project_shortcut=b.projection)
 
 
 def cost(g, b: DepthwiseSeparableBlock, cin: int, cout: int, x: int) -> int:
@@ -31,17 +37,16 @@ def cost(g, b: DepthwiseSeparableBlock, cin: int, cout: int, x: int) -> int:
     if b.se is not None:
         y = g.se(y, b.se, cin, cin)
     y = g.conv(y, cout)
-    residual = b.residual and b.stride == 1 and cin == cout
-    return g.merge((y, x)) if residual else y
+    if b.residual and (b.projection or (b.stride == 1 and cin == cout)):
+        return g.merge((y, g.shortcut(x, cout, b.stride, b.projection)))
+    return y
 
 
 def canonical(b: DepthwiseSeparableBlock, ins: tuple[int, ...]) -> dict[str, Any]:
     out = one_by_one_dilation(b)
     if b.se is not None:
         out["se"] = canonical_se(b.se, [(cin, cin) for cin in ins])
-    if not any(s == 1 and cin == b.out_channels for s, cin in zip(strides(b, ins), ins,
-                                                                     strict=True)):
-        out["residual"] = False  # no repeat can take the shortcut
+    out.update(canonical_residual(b, ins, default=False))
     return out
 
 

@@ -8,7 +8,7 @@ from pydantic import Field
 
 from blocks.errors import SpecError
 from blocks.fields import BlockSpec, Channels, Dilation, SESpec, canonical_se
-from blocks.kinds.base import BlockKind, one_by_one_dilation, strides
+from blocks.kinds.base import BlockKind, canonical_residual, one_by_one_dilation
 from blocks.layers import InvertedResidual
 from blocks.recipe import NORM, Act, call, se_call
 
@@ -18,9 +18,12 @@ MIN_EXPAND, MAX_EXPAND = 0.1, 16.0
 class MBConvBlock(BlockSpec):
     """Inverted residual / MBConv (MobileNetV2/V3, MnasNet, EfficientNet): 1x1 expand
     (skipped when the expanded width equals the input) -> depthwise kxk -> [SE] -> linear
-    1x1 projection; identity shortcut when stride is 1 and widths match.
+    1x1 projection; identity shortcut when stride is 1 and widths match (with
+    ``projection``: a 1x1 projection shortcut, strided, where they do not).
 
     Expanded width: ``mid_channels`` when given, else ``round(in * expand)``."""
+
+    added_fields = ("projection",)
 
     kind: Literal["mbconv"] = "mbconv"
     expand: float = Field(6.0, ge=MIN_EXPAND, le=MAX_EXPAND)
@@ -28,6 +31,7 @@ class MBConvBlock(BlockSpec):
     dilation: Dilation = 1
     se: SESpec | None = None
     residual: bool = True
+    projection: bool = False
 
 
 def mbconv_mid(block: MBConvBlock, in_channels: int) -> int:
@@ -46,7 +50,8 @@ def recipe(b: MBConvBlock, cin: int, cout: int):
     mid = mbconv_mid(b, cin)
     return call(InvertedResidual, cin, cout, mid_channels=mid, kernel=b.kernel,
                 stride=b.stride, dilation=b.dilation, norm_layer=NORM, act_layer=Act(b.act),
-                se=se_call(b.se, cin, mid), residual=b.residual)
+                se=se_call(b.se, cin, mid), residual=b.residual,
+                project_shortcut=b.projection)
 
 
 def cost(g, b: MBConvBlock, cin: int, cout: int, x: int) -> int:
@@ -56,14 +61,15 @@ def cost(g, b: MBConvBlock, cin: int, cout: int, x: int) -> int:
     if b.se is not None:
         y = g.se(y, b.se, cin, mid)
     y = g.conv(y, cout)
-    residual = b.residual and b.stride == 1 and cin == cout
-    return g.merge((y, x)) if residual else y
+    if b.residual and (b.projection or (b.stride == 1 and cin == cout)):
+        return g.merge((y, g.shortcut(x, cout, b.stride, b.projection)))
+    return y
 
 
 def canonical(b: MBConvBlock, ins: tuple[int, ...]) -> dict[str, Any]:
     """The expanded widths, written as ``expand`` whenever one ratio gives them all
     (``mid / in`` of the first repeat), else as ``mid_channels`` with ``expand`` at its
-    default; the shortcut flag at its default when no repeat can take it."""
+    default; the shortcut flags as :func:`~blocks.kinds.base.canonical_residual` says."""
     out = one_by_one_dilation(b)
     mids = [mbconv_mid(b, cin) for cin in ins]
     ratio = mids[0] / ins[0]
@@ -74,9 +80,7 @@ def canonical(b: MBConvBlock, ins: tuple[int, ...]) -> dict[str, Any]:
         out["expand"] = MBConvBlock.model_fields["expand"].default
     if b.se is not None:
         out["se"] = canonical_se(b.se, list(zip(ins, mids, strict=True)))
-    if not any(s == 1 and cin == b.out_channels for s, cin in zip(strides(b, ins), ins,
-                                                                     strict=True)):
-        out["residual"] = True
+    out.update(canonical_residual(b, ins, default=True))
     return out
 
 
