@@ -786,7 +786,11 @@ class SearchDriver:
         budgets = self.config.latency_budgets()
         if not self.config.predictor or self.predictor is None or not budgets:
             return False
-        st = self.predictor_state()
+        try:
+            st = self.predictor_state()
+        except Exception as exc:  # the predictor never stops a search: measure instead
+            warnings.warn(f"latency predictor unavailable ({exc})", stacklevel=2)
+            return False
         on, why = self.policy.enabled(st)
         if st is None or (st.ratio is None and st.ms is None):
             return False
@@ -823,14 +827,14 @@ class SearchDriver:
         obj = self.config.latency_objective
         measured = ratio if obj == "latency_ratio" else ms
         predicted = ua.get(f"predicted_{obj}")
-        if isinstance(predicted, int | float) and measured:
-            err = predicted / measured - 1.0
-            attrs["predictor_error"] = err
-            st = self.predictor.load(self.predictor_key)
-            if st is not None:
-                st.recent = ([*st.recent, abs(err)])[-RECENT_WINDOW:]
-                self.predictor.save(st)
         try:
+            if isinstance(predicted, int | float) and measured:
+                err = predicted / measured - 1.0
+                attrs["predictor_error"] = err
+                st = self.predictor.load(self.predictor_key)
+                if st is not None:
+                    st.recent = [*st.recent, abs(err)][-RECENT_WINDOW:]
+                    self.predictor.save(st)
             spec = ArchSpec.model_validate_json(ua["spec"])
             self.predictor.add(self.predictor_key, self.config.target, spec.hash,
                                self.features(spec), ratio, ms)
