@@ -240,6 +240,11 @@ class SearchConfig(_Model):
         data = self.model_dump(mode="json")
         for key in ("trials", "timeout_s", "memory_mb"):
             data.pop(key, None)
+        # fields added later count only when set otherwise: a study made before they
+        # existed keeps its hash
+        for key, default in (("seed_specs", []), ("warm_start", True), ("predictor", True)):
+            if data.get(key) == default:
+                data.pop(key, None)
         return data
 
     def config_hash(self) -> str:
