@@ -43,17 +43,17 @@ def main(argv: list[str] | None = None) -> int:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url = args.storage or f"sqlite:///{tempfile.mkdtemp()}/overhead.db"
-    config = SearchConfig(space="default", trials=args.n, seed=0, warm_start=False,
-                          sampler=args.sampler,
-                          budgets=Budgets(max_latency_ratio=1.0))
+    extra = {"warm_start": False} if "warm_start" in SearchConfig.model_fields else {}
+    config = SearchConfig(space="default", trials=args.n, seed=0, sampler=args.sampler,
+                          budgets=Budgets(max_latency_ratio=1.0), **extra)
     cache = SQLMeasurementCache(url)
+    import inspect
+
     kwargs = {}
-    try:
+    if "predictor" in inspect.signature(SearchDriver.open).parameters:
         from search.predictor import PredictorStore
 
         kwargs["predictor"] = PredictorStore(cache.engine)
-    except ImportError:  # a version without the predictor
-        pass
     driver = SearchDriver.open(url, f"overhead-{uuid.uuid4().hex[:8]}", config, cache,
                                mode="service", **kwargs)
     engine = driver.study._storage._backend.engine

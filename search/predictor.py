@@ -441,23 +441,40 @@ class PredictorStore:
         if create:
             meta.create_all(self.engine, checkfirst=True)
 
+    def _write(self, op) -> None:
+        """Run a write transaction; on SQLite a writer that found the file locked past
+        the busy timeout (another process writing) tries again, a few times."""
+        sa = self._sa
+        for attempt in range(5):
+            try:
+                with self.engine.begin() as conn:
+                    op(conn)
+                return
+            except sa.exc.OperationalError as exc:
+                if "locked" not in str(exc) or attempt == 4:
+                    raise
+                time.sleep(0.05 * 2**attempt)
+
     def add(self, key: str, target: str, spec_hash: str, features: dict[str, float],
             ratio: float | None, ms: float) -> None:
         """Record one measurement (the first one for a spec on a target stays)."""
+        self._write(lambda conn: self._add(conn, key, target, spec_hash, features, ratio, ms))
+
+    def _add(self, conn, key: str, target: str, spec_hash: str, features: dict[str, float],
+             ratio: float | None, ms: float) -> None:
         sa = self._sa
-        with self.engine.begin() as conn:
-            exists = conn.execute(sa.select(self.obs.c.spec_hash).where(
-                self.obs.c.target_key == key, self.obs.c.spec_hash == spec_hash)).first()
-            if exists:
-                return
-            try:
-                with conn.begin_nested():
-                    conn.execute(sa.insert(self.obs).values(
-                        target_key=key, spec_hash=spec_hash, target=target,
-                        features=json.dumps(features), ratio=ratio, ms=ms,
-                        created_at=time.time()))
-            except sa.exc.IntegrityError:
-                pass
+        exists = conn.execute(sa.select(self.obs.c.spec_hash).where(
+            self.obs.c.target_key == key, self.obs.c.spec_hash == spec_hash)).first()
+        if exists:
+            return
+        try:
+            with conn.begin_nested():
+                conn.execute(sa.insert(self.obs).values(
+                    target_key=key, spec_hash=spec_hash, target=target,
+                    features=json.dumps(features), ratio=ratio, ms=ms,
+                    created_at=time.time()))
+        except sa.exc.IntegrityError:
+            pass
 
     def count(self, key: str) -> int:
         sa = self._sa
@@ -490,20 +507,22 @@ class PredictorStore:
         return [s for s in out if s is not None]
 
     def save(self, st: PredictorState) -> None:
-        sa = self._sa
         values = {"target": st.target, "n": st.n, "state": st.to_json(),
                   "refit_at": st.refit_at}
-        with self.engine.begin() as conn:
-            done = conn.execute(sa.update(self.state)
-                                .where(self.state.c.target_key == st.target_key)
-                                .values(**values)).rowcount
-            if not done:
-                try:
-                    with conn.begin_nested():
-                        conn.execute(sa.insert(self.state).values(
-                            target_key=st.target_key, **values))
-                except sa.exc.IntegrityError:
-                    pass  # another process saved first; its state is as good
+        self._write(lambda conn: self._save(conn, st, values))
+
+    def _save(self, conn, st: PredictorState, values: dict[str, Any]) -> None:
+        sa = self._sa
+        done = conn.execute(sa.update(self.state)
+                            .where(self.state.c.target_key == st.target_key)
+                            .values(**values)).rowcount
+        if not done:
+            try:
+                with conn.begin_nested():
+                    conn.execute(sa.insert(self.state).values(
+                        target_key=st.target_key, **values))
+            except sa.exc.IntegrityError:
+                pass  # another process saved first; its state is as good
 
     def refit(self, key: str, target: str, policy: PredictorPolicy,
               coverage: float = 0.9, settings: dict[str, Any] | None = None

@@ -147,13 +147,13 @@ class SearchConfig(_Model):
                 if text.startswith("{"):
                     out.append(json.loads(text))
                     continue
-                from blocks.load import SpecLoadError, load_spec
+                from blocks.load import SpecLoadError, parse_spec
 
                 if not (text.startswith("preset:") or text.startswith("net_")):
                     raise ValueError(f"seed spec {text[:60]!r}: give a compact spec "
                                      "(net_...), preset:NAME[@WIDTH] or the spec itself")
                 try:
-                    item = load_spec(text)
+                    item = parse_spec(text)
                 except SpecLoadError as exc:
                     raise ValueError(f"seed spec {text[:60]!r}: {exc}") from exc
             out.append(item)
@@ -250,6 +250,11 @@ class SearchConfig(_Model):
         data = self.model_dump(mode="json")
         for key in ("trials", "timeout_s", "memory_mb"):
             data.pop(key, None)
+        # fields added later count only when set otherwise: a study made before they
+        # existed keeps its hash
+        for key, default in (("seed_specs", []), ("warm_start", True), ("predictor", True)):
+            if data.get(key) == default:
+                data.pop(key, None)
         return data
 
     def config_hash(self) -> str:
@@ -883,7 +888,11 @@ class SearchDriver:
         budgets = self.config.latency_budgets()
         if not self.config.predictor or self.predictor is None or not budgets:
             return False
-        st = self.predictor_state()
+        try:
+            st = self.predictor_state()
+        except Exception as exc:  # the predictor never stops a search: measure instead
+            warnings.warn(f"latency predictor unavailable ({exc})", stacklevel=2)
+            return False
         on, why = self.policy.enabled(st)
         if st is None or (st.ratio is None and st.ms is None):
             return False
@@ -920,14 +929,14 @@ class SearchDriver:
         obj = self.config.latency_objective
         measured = ratio if obj == "latency_ratio" else ms
         predicted = ua.get(f"predicted_{obj}")
-        if isinstance(predicted, int | float) and measured:
-            err = predicted / measured - 1.0
-            attrs["predictor_error"] = err
-            st = self.predictor.load(self.predictor_key)
-            if st is not None:
-                st.recent = ([*st.recent, abs(err)])[-RECENT_WINDOW:]
-                self.predictor.save(st)
         try:
+            if isinstance(predicted, int | float) and measured:
+                err = predicted / measured - 1.0
+                attrs["predictor_error"] = err
+                st = self.predictor.load(self.predictor_key)
+                if st is not None:
+                    st.recent = [*st.recent, abs(err)][-RECENT_WINDOW:]
+                    self.predictor.save(st)
             spec = ArchSpec.model_validate_json(ua["spec"])
             self.predictor.add(self.predictor_key, self.config.target, spec.hash,
                                self.features(spec), ratio, ms)

@@ -248,8 +248,11 @@ class Scheduler:
             except SearchError as exc:
                 # the storage is unreachable: a server problem, not the job's; retried
                 raise StorageUnavailable(str(exc)) from exc
+            from search.predictor import PredictorStore
+
             driver = SearchDriver.open(
                 storage, job.study_name, config, cache, mode="service", owner=self.owner,
+                predictor=PredictorStore(self.db.engine, create=False),
             )
             self._drivers[job.id] = driver
         return driver

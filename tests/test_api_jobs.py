@@ -63,6 +63,9 @@ def test_create_validation(client, user_key, make_worker_token):
     # a relative latency budget needs a reference network
     r = post(budgets={"max_latency_ratio": 0.8})
     assert r.status_code == 422 and "reference" in r.json()["detail"]
+    # a seed spec must be a point of the job's space
+    r = post(seed_specs=["preset:mnasnet@0.5"])
+    assert r.status_code == 422 and "seed spec 1 (net_v1" in r.json()["detail"]
 
 
 def test_list_filter_page_and_cancel(client, user_key, make_worker_token):

@@ -430,3 +430,10 @@ def test_a_trials_attributes_are_written_in_a_few_commits(url):
     # Optuna's own: the trial, one per parameter, the tell; ours: one in ask, one in tell
     # (one commit per attribute and constraint made that 46 here)
     assert sum(writes) <= len(t.params) + 6, sum(writes)
+
+
+def test_fields_at_their_defaults_keep_an_older_studys_hash():
+    config = tiny_config()
+    identity = config.identity()
+    assert not {"seed_specs", "warm_start", "predictor"} & set(identity)
+    assert tiny_config(warm_start=False).config_hash() != config.config_hash()

@@ -83,6 +83,9 @@ class JobCreate(_In):
                                               description="NSGA-II only")
     timeout_s: float = Field(300.0, gt=0, le=24 * 3600, description="per evaluation")
     memory_mb: StrictInt = Field(4096, ge=64, le=1_048_576, description="per evaluation")
+    seed_specs: list[str | dict[str, Any]] = Field(
+        default_factory=list, max_length=100, description="networks tried first (compact "
+        "strings, preset:NAME[@WIDTH] or spec objects); each must be a point of the space")
 
 
 class Progress(BaseModel):

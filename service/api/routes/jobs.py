@@ -109,6 +109,7 @@ def build_config(body: JobCreate):
             population_size=body.population_size,
             timeout_s=body.timeout_s,
             memory_mb=body.memory_mb,
+            seed_specs=body.seed_specs,
         )
     except ValidationError as exc:
         raise _unprocessable(_first_error(exc)) from exc
