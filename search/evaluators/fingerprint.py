@@ -28,6 +28,8 @@ from functools import lru_cache
 from importlib import metadata
 from typing import Any
 
+from search.evaluators import allocator
+
 MAX_DEFAULT_THREADS = 4
 
 
@@ -166,6 +168,7 @@ def device_fingerprint(device: str = "cpu", threads: int | None = None) -> dict[
         "onnxruntime": _version("onnxruntime") or _version("onnxruntime-gpu"),
         "onnx": _version("onnx"),
         "gpu": gpu,
+        "allocator": allocator.describe(),  # what evaluations here run under
     }
     stable = {k: fp.get(k) for k in _STABLE_KEYS}
     stable["gpu_name"] = gpu["name"] if gpu else None
