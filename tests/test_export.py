@@ -226,3 +226,14 @@ def test_export_errors_are_one_line(tmp_path):
         export(bad, "json", tmp_path / "bad.json")
     assert serr.value.field == "stages[0].block.groups"
     assert not (tmp_path / "bad.json").exists()
+
+
+def test_pytorch_export_says_how_to_see_the_measured_latency():
+    """The export's header names the allocator environment every evaluator runs with."""
+    from blocks.export import pytorch_source
+    from blocks.presets import preset
+    from search.evaluators import allocator
+
+    src = pytorch_source(preset("mobilenet_v2", 0.35))
+    for key, value in allocator.DEPLOY_ENV.items():
+        assert f"{key}={value}" in src
