@@ -1040,6 +1040,13 @@ class SearchDriver:
             new["quality_seconds"] = outcome.quality.seconds
         if lat.notes:
             new["latency_notes"] = "; ".join(lat.notes)[:2000]
+        if lat.stopping is not None:
+            # budget-aware measurement: how many rounds it took and why it stopped
+            new["latency_rounds"] = lat.stopping.rounds
+            new["latency_stop"] = lat.stopping.reason
+        if outcome.evaluator is not None:
+            new["evaluator"] = outcome.evaluator.mode
+            new["evaluator_fresh"] = int(outcome.evaluator.fresh)
         for name, value in constraints.items():
             new[f"constraint_{name}"] = value
         new["feasible"] = int(all(v <= 0 for v in constraints.values()))
