@@ -628,7 +628,11 @@ def config_differences(stored: Any, config: SearchConfig, limit: int = 3) -> str
     ``measure.threads: 1 -> 2``; empty when the stored one cannot be read."""
     if not isinstance(stored, dict):
         return ""
-    old = {k: v for k, v in stored.items() if k not in ("trials", "timeout_s", "memory_mb")}
+    try:
+        old = SearchConfig.model_validate(stored).identity()
+    except ValueError:  # written by another version: compare what it says
+        old = {k: v for k, v in stored.items()
+               if k not in ("trials", "timeout_s", "memory_mb")}
     a, b = _flatten(old), _flatten(config.identity())
     keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
     shown = [f"{k}: {json.dumps(a.get(k))} -> {json.dumps(b.get(k))}" for k in keys[:limit]]
