@@ -30,6 +30,7 @@ import httpx
 from pydantic import ValidationError
 
 from search.evaluators.types import EvalOutcome, EvalTask
+from service import signals as stop_signals
 from service.protocol import LeaseOut
 from service.worker.client import (
     ApiClient,
@@ -171,26 +172,27 @@ class Worker:
         self._stop.set()
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
+        """Only sets events: a handler that wrote to the log itself could interrupt a
+        log write of the main thread (a reentrant write fails). The two changes of state
+        are logged from a short thread; further signals change nothing and say nothing."""
         name = signal.Signals(signum).name
+        if self._stop_now.is_set():
+            return
         if self._stop.is_set():
-            log.warning("%s again: releasing the current task now", name)
+            msg: tuple = ("%s again: releasing the current task now", name)
         else:
-            log.info("%s: stopping (grace period %.0f s for the current evaluation)",
-                     name, self.config.grace_s)
+            msg = ("%s: stopping (grace period %.0f s for the current evaluation)",
+                   name, self.config.grace_s)
         self.stop()
-
-    def _install_signals(self) -> dict[int, Any]:
-        if threading.current_thread() is not threading.main_thread():
-            return {}
-        old = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            old[sig] = signal.signal(sig, self._on_signal)
-        return old
+        threading.Thread(target=log.warning, args=msg, name="signal-log", daemon=True).start()
 
     # -- main loop
 
     def run(self) -> int:
-        old = self._install_signals()
+        with stop_signals.listen(self._on_signal):
+            return self._run()
+
+    def _run(self) -> int:
         try:
             if self._evaluate is None:
                 self._evaluate = _default_evaluator()
@@ -205,8 +207,6 @@ class Worker:
                     self._handle(lease)
             return 0
         finally:
-            for sig, handler in old.items():
-                signal.signal(sig, handler)
             log.info(
                 "worker %s exiting: %d leased, %d reported, %d failed, %d released, %d lost",
                 self.worker_id, self.stats.leased, self.stats.reported, self.stats.failed,
@@ -226,6 +226,8 @@ class Worker:
 
     def _register_until_ok(self) -> bool:
         backoff = self._backoff()
+        if self._stop.is_set():
+            return False
         fp = self._fingerprint_once()
         while not self._stop.is_set():
             try:
