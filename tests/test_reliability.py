@@ -4,14 +4,18 @@ errors, no orphaned evaluation children."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
+import pytest
 from service_harness import clean_env, free_port
+from svc_helpers import HttpWorker, job_body
 
 SIGTERM_BIT = 1 << (signal.SIGTERM - 1)
 
@@ -47,3 +51,210 @@ def test_worker_exits_0_on_sigterm_in_every_phase_start_up_and_shutdown_included
         proc.stdout.close()
         assert proc.returncode == 0, out
         assert "Traceback" not in out
+
+
+# ------------------------------------------------- finished work survives an outage
+
+
+@contextlib.contextmanager
+def _service(make_settings, **overrides):
+    from fastapi.testclient import TestClient
+
+    from service import clock
+    from service.api.app import create_app
+    from service.tokens import create_api_key, create_worker_token
+
+    settings = dict(lease_timeout_s=0.4, heartbeat_interval_s=0.1, max_attempts=1)
+    settings.update(overrides)
+    app = create_app(make_settings(**settings))
+    with clock.use(clock.ManualClock()) as now, TestClient(app) as client:
+        key, _ = create_api_key(app.state.db, f"user-{time.monotonic_ns()}")
+        target = f"rel-{time.monotonic_ns()}"
+        token, _ = create_worker_token(app.state.db, target)
+        yield SimpleNamespace(app=app, client=client, now=now, target=target,
+                              user={"Authorization": f"Bearer {key}"},
+                              worker_headers={"Authorization": f"Bearer {token}"})
+
+
+def _worker(svc):
+    w = HttpWorker(svc.client, svc.worker_headers, svc.target)
+    w.register()
+    return w
+
+
+def _task_row(svc, task_id):
+    from service.models import Task
+
+    return svc.app.state.db.run(lambda s: s.get(Task, task_id), write=False)
+
+
+def _job(svc, trials=1):
+    r = svc.client.post("/v1/jobs", headers=svc.user, json=job_body(svc.target, trials=trials))
+    assert r.status_code == 201, r.text
+    return r.json()["id"]
+
+
+def _finish(svc, job_id):
+    svc.app.state.scheduler.run_until_idle()
+    return svc.client.get(f"/v1/jobs/{job_id}", headers=svc.user).json()
+
+
+def test_a_result_delivered_after_its_lease_expired_is_kept_and_spends_no_attempt(
+        make_settings):
+    """The outage of the issue: heartbeats refused past the lease, the reaper re-queues
+    the task; the worker's finished result, delivered when the API is back, is the
+    trial's (max_attempts 1: had the expiry counted, the trial would have failed)."""
+    with _service(make_settings, max_attempts=2) as svc:
+        job_id = _job(svc)
+        sched = svc.app.state.scheduler
+        sched.tick()
+        w = _worker(svc)
+        lease = w.lease()
+        svc.now.advance(1.0)
+        assert [r.requeued for r in sched.tick().reaped] == [True]
+        assert _task_row(svc, lease["task_id"]).attempts_used == 1
+        r = w.result(lease)
+        assert r.status_code == 200 and r.json()["duplicate"] is False, r.text
+        assert w.result(lease).json()["duplicate"] is True
+        row = _task_row(svc, lease["task_id"])
+        assert (row.state, row.attempts_used) == ("done", 0)
+        assert w.lease() is None  # not measured again
+        job = _finish(svc, job_id)
+        assert job["status"] == "completed" and job["progress"]["failed"] == 0, job
+        assert job["progress"]["measured"] == 1
+
+
+def test_a_heartbeat_after_its_lease_expired_resumes_the_lease(make_settings):
+    with _service(make_settings, max_attempts=2) as svc:
+        job_id = _job(svc)
+        sched = svc.app.state.scheduler
+        sched.tick()
+        w = _worker(svc)
+        lease = w.lease()
+        svc.now.advance(1.0)
+        sched.tick()
+        assert w.heartbeat(lease).status_code == 200
+        row = _task_row(svc, lease["task_id"])
+        assert (row.state, row.attempts_used) == ("leased", 0)
+        assert w.lease() is None
+        assert w.result(lease).status_code == 200
+        assert _finish(svc, job_id)["progress"]["measured"] == 1
+
+
+def test_a_late_result_wins_over_the_lease_given_since_and_is_told_once(make_settings):
+    with _service(make_settings, max_attempts=3) as svc:
+        job_id = _job(svc)
+        sched = svc.app.state.scheduler
+        sched.tick()
+        a, b = _worker(svc), _worker(svc)
+        first = a.lease()
+        svc.now.advance(1.0)
+        sched.tick()
+        second = b.lease()
+        assert second["task_id"] == first["task_id"] and second["attempt"] == 2
+        assert a.result(first).status_code == 200
+        assert b.heartbeat(second).status_code == 409  # b stops measuring it
+        assert b.result(second).status_code == 409
+        job = _finish(svc, job_id)
+        assert job["status"] == "completed" and job["progress"]["measured"] == 1, job
+        assert _task_row(svc, first["task_id"]).attempts_used == 0  # the outage spent none
+
+
+def test_after_a_failed_tick_leases_get_a_fresh_lease_before_the_reaper_runs(
+        make_settings, monkeypatch):
+    """An outage longer than the lease at the last attempt: the first tick that gets
+    through gives the leases a full lease, so the worker can come back."""
+    from service import leases
+
+    with _service(make_settings, max_attempts=1) as svc:
+        job_id = _job(svc)
+        sched = svc.app.state.scheduler
+        sched.tick()
+        w = _worker(svc)
+        lease = w.lease()
+        real = leases.extend_live_leases
+
+        def down(*a, **k):
+            raise OSError("connection refused")
+
+        monkeypatch.setattr(leases, "extend_live_leases", down)
+        sched._heard = False  # as after any failed tick
+        with pytest.raises(OSError):
+            sched.tick()
+        svc.now.advance(5.0)  # the outage outlasts the lease
+        monkeypatch.setattr(leases, "extend_live_leases", real)
+        assert sched.tick().reaped == []
+        assert w.heartbeat(lease).status_code == 200
+        assert w.result(lease).status_code == 200
+        job = _finish(svc, job_id)
+        assert job["progress"]["measured"] == 1 and job["progress"]["failed"] == 0
+
+
+# ----------------------------------------------------------- scheduler errors
+
+
+def test_failed_ticks_are_counted_and_logged_once_per_distinct_error(make_settings,
+                                                                     monkeypatch, caplog):
+    from service import scheduler as scheduler_module
+
+    with _service(make_settings) as svc:
+        sched = svc.app.state.scheduler
+
+        def down(*a, **k):
+            raise OSError("could not connect to server: Connection refused")
+
+        monkeypatch.setattr(scheduler_module, "reap_expired", down)
+        caplog.set_level("ERROR", logger="fitnas.scheduler")
+        for _ in range(92):
+            with pytest.raises(OSError):
+                sched.tick()
+        text = svc.client.get("/metrics").text
+        assert "fitnas_scheduler_errors_total 92.0" in text
+        lines = [r for r in caplog.records if "scheduler tick failed" in r.getMessage()]
+        assert len(lines) == 1 and lines[0].exc_info is not None
+        # the next interval: one line that says how often it recurred, no traceback
+        sched.error_log._clock = lambda: time.monotonic() + 61
+        with pytest.raises(OSError):
+            sched.tick()
+        lines = [r for r in caplog.records if "scheduler tick failed" in r.getMessage()]
+        assert len(lines) == 2 and lines[1].exc_info is None
+        assert "91 more time(s)" in lines[1].getMessage()
+
+
+# ------------------------------------------------ take-over of a dead replica's job
+
+
+def test_the_lock_is_renewed_while_driving_and_taken_over_soon_after_its_holder_dies(
+        make_settings):
+    """A replica killed while it drove a job leaves a lock of scheduler_lock_s; the other
+    replica takes the job over once it runs out, not two minutes later. A live holder
+    renews it, so a slow drive is never taken over."""
+    from service.models import Job
+    from service.scheduler import LockKeeper, Scheduler
+
+    with _service(make_settings, scheduler_lock_s=0.3) as svc:
+        job_id = _job(svc)
+        settings = svc.app.state.settings
+        dead = Scheduler(svc.app.state.db, settings, owner="replica-a")
+        other = Scheduler(svc.app.state.db, settings, owner="replica-b")
+        assert dead._claim(job_id)  # and then SIGKILL: no release
+        assert not other._claim(job_id)
+        svc.now.advance(0.31)
+        assert other._claim(job_id)
+        other._release(job_id)
+        # a live holder's keeper renews the lock (real time: the keeper's own interval)
+        assert dead._claim(job_id)
+        keeper = LockKeeper(svc.app.state.db, job_id, "replica-a", 0.3)
+        keeper.start()
+        deadline = time.monotonic() + 30
+        while keeper.renewals < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        keeper.stop()
+        job = svc.app.state.db.run(lambda s: s.get(Job, job_id), write=False)
+        assert job.lock_owner == "replica-a"
+        assert not other._claim(job_id)
+        assert settings.scheduler_lock_s == 0.3
+    from service.settings import Settings
+
+    assert Settings.model_fields["scheduler_lock_s"].default <= 15

@@ -4,9 +4,11 @@ background thread meanwhile and reports the outcome.
 
 Protocol (all under ``/v1``, ``Authorization: Bearer <worker token>``): register, then
 lease (long poll) -> heartbeat while evaluating -> result | fail | release. A 409 on a
-heartbeat or a result means the lease was lost (expired and re-queued, or handed to
-someone else): the worker drops the task. While the API is unreachable the worker retries
-with capped exponential backoff and jitter. On SIGTERM/SIGINT it finishes the current
+heartbeat during the evaluation, or on a result, means the lease was lost (handed to
+someone else, the task finished or was cancelled): the worker drops the task. While the
+API is unreachable the worker retries with capped exponential backoff and jitter, and
+keeps a finished result until the API answers it (an expired lease's result is still
+accepted, see service/leases.py). On SIGTERM/SIGINT it finishes the current
 evaluation if it can within the grace period, otherwise releases the lease; then it exits
 with status 0. A second signal skips the grace period.
 
@@ -341,10 +343,6 @@ class Worker:
                     self._release(task_id, token)
                     return
         log.info("task %s: evaluated in %.1f s", task_id, time.monotonic() - t0)
-        if lost.is_set():
-            self.stats.lost += 1
-            log.warning("task %s: lease lost during the evaluation; result dropped", task_id)
-            return
         if ev.error is not None or ev.outcome is None:
             exc = ev.error
             msg = f"{type(exc).__name__}: {exc}" if exc else "the evaluator returned nothing"
@@ -352,7 +350,7 @@ class Worker:
             keeper.stop()
             self._fail(task_id, token, "crashed", f"worker-side error: {msg}")
             return
-        self._submit(task_id, token, ev.outcome, keeper, lost, deadline)
+        self._submit(task_id, token, ev.outcome, keeper, deadline)
 
     def _abort(self, ev: _Evaluation, before: set[int]) -> None:
         n = _kill_new_children(before)
@@ -362,22 +360,19 @@ class Worker:
 
     def _submit(
         self, task_id: str, token: str, outcome: EvalOutcome, keeper: LeaseKeeper,
-        lost: threading.Event, deadline: float | None,
+        deadline: float | None,
     ) -> None:
         """Report the outcome, retrying while the API is unreachable (the lease keeper
-        keeps the lease alive meanwhile). Gives up only when the lease is lost or, while
+        keeps the lease alive meanwhile). A finished result is kept until the API has
+        answered it, even when a heartbeat was refused meanwhile: the API accepts the
+        result of an expired lease while the task is unfinished, so an outage longer than
+        the lease measures nothing twice. Gives up only on the API's 409 or, while
         stopping, when the grace period is over (the lease then expires and the task is
         re-queued: nothing is told twice)."""
         backoff = self._backoff()
         while True:
-            if lost.is_set():
-                self.stats.lost += 1
-                log.warning("task %s: lease lost before the result got through", task_id)
-                return
             try:
                 with keeper.exclusive():
-                    if lost.is_set():
-                        continue
                     try:
                         answer = self.api.result(task_id, token, outcome)
                     except (LeaseLost, ProtocolError):
