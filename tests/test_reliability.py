@@ -258,3 +258,44 @@ def test_the_lock_is_renewed_while_driving_and_taken_over_soon_after_its_holder_
     from service.settings import Settings
 
     assert Settings.model_fields["scheduler_lock_s"].default <= 15
+
+
+# ------------------------------------------------------------------------ orphans
+
+
+def test_one_shot_child_dies_with_its_parent_killed_9_and_removes_its_directory():
+    import psutil
+
+    code = (
+        "from blocks import load_spec\n"
+        "from search.evaluators.runner import evaluate\n"
+        "from search.evaluators.types import EvalTask, MeasureSettings\n"
+        "t = EvalTask(spec=load_spec('preset:mobilenet_v2@0.25').canonical_dict(), "
+        "measure=MeasureSettings(resolution=32, min_run_time_s=30, rounds=3, threads=1, "
+        "reference=None), timeout_s=300)\n"
+        "evaluate(t, isolated=True)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    parent = subprocess.Popen([sys.executable, "-c", code], env=env)
+    try:
+        deadline = time.monotonic() + 120
+        child = None
+        while child is None:
+            assert time.monotonic() < deadline and parent.poll() is None
+            for p in psutil.Process(parent.pid).children():
+                with contextlib.suppress(psutil.Error):
+                    if "--child" in p.cmdline():
+                        child = p
+            time.sleep(0.05)  # polling for a process to appear
+        tmp = Path(child.cmdline()[-1]).parent
+        assert tmp.is_dir()
+        parent.kill()
+        parent.wait(10)
+        t0 = time.monotonic()
+        gone, _alive = psutil.wait_procs([child], timeout=15)
+        assert gone, "the evaluation child outlived its parent"
+        print(f"child gone {time.monotonic() - t0:.2f} s after kill -9 of its parent")
+        assert not tmp.exists()
+    finally:
+        if parent.poll() is None:
+            parent.kill()
