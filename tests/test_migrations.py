@@ -121,6 +121,16 @@ def test_cli_db_upgrade_and_admin(tmp_path, monkeypatch):
     assert r.exit_code == 2 and "bad target name" in r.output
     r = runner.invoke(app, ["admin", "revoke", key[:10]])
     assert r.exit_code == 0 and "revoked 1" in r.output
+    # the full token revokes too, and so does the prefix as printed (with its dots)
+    r = runner.invoke(app, ["admin", "revoke", wtok])
+    assert r.exit_code == 0 and "revoked 1" in r.output, r.output
+    r = runner.invoke(app, ["admin", "revoke", wtok])
+    assert r.exit_code == 2 and "error: no active key or token matches" in r.output
+    r = runner.invoke(app, ["admin", "create-key", "--name", "bob"])
+    printed = r.stderr.split()[2]
+    assert printed.endswith("...") and len(printed) == 13, r.stderr
+    r = runner.invoke(app, ["admin", "revoke", printed])
+    assert r.exit_code == 0 and "revoked 1" in r.output, r.output
 
 
 def test_serve_refuses_an_old_postgres_schema_and_bad_urls(monkeypatch):
