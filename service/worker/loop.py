@@ -1,5 +1,6 @@
 """The device worker: leases measurement tasks from the API over HTTP, evaluates each one
-isolated in a child process (timeout and memory ceiling), heartbeats the lease from a
+isolated in a warm child process held for its lifetime (timeout and memory ceiling; see
+search/evaluators/warm.py), heartbeats the lease from a
 background thread meanwhile and reports the outcome.
 
 Protocol (all under ``/v1``, ``Authorization: Bearer <worker token>``): register, then
@@ -51,9 +52,12 @@ Evaluator = Callable[..., EvalOutcome]
 
 
 def _default_evaluator() -> Evaluator:
-    from search.evaluators.runner import evaluate
+    """A warm evaluation child for the worker's lifetime (as ``fitnas search`` uses):
+    the interpreter, torch and the runtimes are paid once, not per candidate; the child
+    is still replaced after a failure and recycled every few tasks."""
+    from search.evaluators.warm import WarmEvaluator
 
-    return evaluate
+    return WarmEvaluator()
 
 
 def _default_fingerprint(device: str) -> dict[str, Any]:
@@ -134,6 +138,7 @@ class Worker:
     ) -> None:
         self.config = config
         self._evaluate = evaluate
+        self._owned_evaluator: Any = None  # the warm evaluator this worker made and closes
         self._fingerprint = fingerprint or _default_fingerprint
         self._transport = transport
         self._rng = rng or random.Random()
@@ -196,8 +201,8 @@ class Worker:
 
     def _run(self) -> int:
         try:
-            if self._evaluate is None:
-                self._evaluate = _default_evaluator()
+            if self._evaluate is None and not self._stop.is_set():
+                self._evaluate = self._owned_evaluator = _default_evaluator()
             if not self._register_until_ok():
                 return 0
             while not self._stop.is_set():
@@ -216,6 +221,9 @@ class Worker:
             )
             self.api.close()
             self._hb_api.close()
+            if self._owned_evaluator is not None:
+                self._owned_evaluator.close()
+                self._evaluate = self._owned_evaluator = None
 
     def _fingerprint_once(self) -> dict[str, Any]:
         if self._fp is None:
@@ -353,6 +361,9 @@ class Worker:
         self._submit(task_id, token, ev.outcome, keeper, deadline)
 
     def _abort(self, ev: _Evaluation, before: set[int]) -> None:
+        abort = getattr(self._evaluate, "abort", None)
+        if abort is not None:  # the warm child existed before this task began
+            abort()
         n = _kill_new_children(before)
         ev.join(10.0)
         if n:
