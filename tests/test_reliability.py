@@ -299,3 +299,33 @@ def test_one_shot_child_dies_with_its_parent_killed_9_and_removes_its_directory(
     finally:
         if parent.poll() is None:
             parent.kill()
+
+
+# ------------------------------------------------------- worker-token bootstrap
+
+
+def test_a_worker_started_before_its_token_file_waits_then_stops_cleanly(tmp_path):
+    """No restart loop: without its token the worker waits for the file (compose's
+    bootstrap writes it) instead of exiting; SIGTERM while it waits is exit 0."""
+    token_file = tmp_path / "tokens" / "cpu"
+    cmd = [sys.executable, "-m", "service.cli", "worker", "--server",
+           f"http://127.0.0.1:{free_port()}", "--target", "cpu", "--runtime", "eager"]
+    env = clean_env({"FITNAS_WORKER_TOKEN_FILE": str(token_file), "PYTHONPATH": os.getcwd(),
+                     "FITNAS_WORKER_HEALTH_FILE": str(tmp_path / "alive")})
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            cwd=tmp_path, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert "waiting for the worker token in" in line, line
+        assert proc.poll() is None
+        token_file.parent.mkdir()
+        token_file.write_text("fnw_written_by_the_bootstrap\n")
+        line = proc.stdout.readline()  # the API is not there: it goes on to register
+        assert "unavailable" in line and "retrying" in line, line
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert not (tmp_path / "alive").exists()  # the API never answered
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stdout.close()

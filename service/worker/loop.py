@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
 import signal
 import threading
@@ -225,6 +226,16 @@ class Worker:
                 self._owned_evaluator.close()
                 self._evaluate = self._owned_evaluator = None
 
+    def _alive(self) -> None:
+        """The API answered: touch the health file (a container healthcheck reads its
+        age; a worker stuck without its API turns unhealthy)."""
+        if self.config.health_file:
+            try:
+                with open(self.config.health_file, "a"):
+                    os.utime(self.config.health_file)
+            except OSError as exc:
+                log.debug("health file %s: %s", self.config.health_file, exc)
+
     def _fingerprint_once(self) -> dict[str, Any]:
         if self._fp is None:
             try:
@@ -259,6 +270,7 @@ class Worker:
             self.lease_timeout_s = info.lease_timeout_s
             self.stats.registrations += 1
             self._last_idle_beat = time.monotonic()
+            self._alive()
             log.info(
                 "registered as %s (target %s, device %s, runtimes %s); heartbeat every "
                 "%.1f s", self.worker_id, self.config.target, self.config.device,
@@ -290,6 +302,7 @@ class Worker:
         if backoff.attempt:
             log.info("API reachable again")
         backoff.reset()
+        self._alive()
         if lease is None:
             return None
         if self._stop.is_set():
