@@ -227,3 +227,85 @@ def test_kill_9_of_the_replica_that_drives_the_job(tmp_path):
             assert took_over < 15
         finally:
             svc.stack.stop_all()
+
+
+@contextlib.contextmanager
+def own_postgres():
+    """A PostgreSQL instance of this test's own (``initdb`` and ``pg_ctl`` as the postgres
+    user, on a free port, in a temporary directory), so that the test may stop it.
+    Yields (database URL, start, stop)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("initdb") is None or shutil.which("pg_ctl") is None:
+        pytest.skip("initdb/pg_ctl not installed")
+    import tempfile
+
+    # not under tmp_path: pytest's base directory is readable by its owner only
+    home = Path(tempfile.mkdtemp(prefix="fitnas-pg-"))
+    data = home / "pgdata"
+    data.mkdir()
+    port = free_port()
+    as_pg = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if as_pg:
+        shutil.chown(home, "postgres")
+        shutil.chown(data, "postgres")
+    subprocess.run([*as_pg, "initdb", "-D", str(data), "-A", "trust", "-U", "postgres"],
+                   check=True, capture_output=True)
+    opts = f"-p {port} -k {data} -c listen_addresses=127.0.0.1 -c fsync=off"
+
+    def start() -> None:
+        subprocess.run([*as_pg, "pg_ctl", "-D", str(data), "-o", opts, "-l",
+                        str(data / "log"), "-w", "start"], check=True, capture_output=True)
+
+    def stop() -> None:
+        subprocess.run([*as_pg, "pg_ctl", "-D", str(data), "-m", "fast", "-w", "stop"],
+                       check=True, capture_output=True)
+
+    start()
+    try:
+        import psycopg
+
+        with psycopg.connect(f"postgresql://postgres@127.0.0.1:{port}/postgres",
+                             autocommit=True) as conn:
+            conn.execute("CREATE DATABASE fitnas")
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/fitnas", start, stop
+    finally:
+        with contextlib.suppress(Exception):
+            stop()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_database_outage_longer_than_the_lease_loses_no_finished_result(tmp_path):
+    """The database stops while a worker measures and stays down past the lease; the
+    worker finishes meanwhile and keeps its result. When the database is back the result
+    is accepted: no attempt spent, nothing measured twice, the trial told once."""
+    with own_postgres() as (db_url, start, stop):
+        svc = Service(tmp_path, db_url)
+        try:
+            w1 = svc.worker("worker-1")
+            _wait_log(w1, "registered as")
+            job_id = svc.submit(1, rounds=3, min_run_time_s=1.0)
+            _wait_log(w1, "evaluating")
+            stop()
+            down_at = time.monotonic()
+            _wait_log(w1, "evaluated in", timeout=120)  # finished during the outage
+            while time.monotonic() - down_at < 2.5 * LEASE_TIMEOUT_S:
+                time.sleep(0.1)  # keep the database away past the lease
+            start()
+            outage = time.monotonic() - down_at
+            up_at = time.monotonic()
+            job = svc.wait_job(job_id)
+            recovery = time.monotonic() - up_at
+            tasks = svc.check_exactly_once(job_id, 1)
+            assert [(t["state"], t["attempts_used"]) for t in tasks] == [("done", 0)]
+            assert job["progress"]["measured"] == 1 and job["progress"]["failed"] == 0
+            log = w1.log()
+            assert log.count("evaluating") == 1 and "reported, ok" in log, log[-3000:]
+            tried = log.count("reporting failed") + log.count("heartbeat failed")
+            print(f"\ndatabase outage of {outage:.1f} s (lease {LEASE_TIMEOUT_S:g} s): result "
+                  f"accepted, job done {recovery:.1f} s after the database was back; "
+                  f"{tried} requests answered 5xx/refused meanwhile, 0 attempts spent")
+        finally:
+            svc.stack.stop_all()
