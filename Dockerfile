@@ -32,14 +32,23 @@ COPY service ./service
 COPY migrations ./migrations
 
 FROM base AS worker
-RUN pip install ".[worker]"
+# onnxruntime-gpu for a CUDA worker (its ONNX Runtime path then runs on the GPU); the two
+# packages provide the same module, so only one may be installed.
+ARG ONNXRUNTIME_PACKAGE=onnxruntime
+RUN pip install ".[worker]" \
+ && if [ "${ONNXRUNTIME_PACKAGE}" != "onnxruntime" ]; then \
+      pip uninstall -y onnxruntime && pip install "${ONNXRUNTIME_PACKAGE}"; \
+    fi \
+ && mkdir -p /var/lib/fitnas/tokens && chown fitnas:fitnas /var/lib/fitnas/tokens
 USER fitnas
 WORKDIR /var/lib/fitnas
-# The token comes from the environment (FITNAS_WORKER_TOKEN), never the command line.
+# The token comes from the environment (FITNAS_WORKER_TOKEN) or a file
+# (FITNAS_WORKER_TOKEN_FILE), never the command line.
 CMD ["fitnas", "worker", "--help"]
 
 FROM base AS api
-RUN pip install ".[server]"
+RUN pip install ".[server]" \
+ && mkdir -p /var/lib/fitnas/tokens && chown fitnas:fitnas /var/lib/fitnas/tokens
 USER fitnas
 WORKDIR /var/lib/fitnas
 ENV FITNAS_EXPORT_DIR=/var/lib/fitnas/exports

@@ -11,6 +11,13 @@ lease expired). Leasing does not spend one; ``attempt`` in a lease is
 ``attempts_used + 1``. A release (worker shutting down) spends none. When
 ``attempts_used`` reaches ``max_attempts`` the task is ``failed`` and the scheduler tells
 the trial FAIL with the last reason.
+
+Expired leases are remembered (``expired_leases``, token hashes). A worker that was cut
+off longer than its lease (a database outage: its heartbeats got 503) is not the lost
+worker the reaper took it for: its late heartbeat resumes the lease if nobody leased the
+task since, and its late result is accepted if the task is still unfinished, leased to
+another worker or not (that worker's next call is 409: nothing is told twice). Either
+gives back the attempt the expiry spent, so an outage alone never spends one.
 """
 
 from __future__ import annotations
@@ -174,13 +181,40 @@ def _require_held(s: Session, row: Task, token_hash: str, **values: Any) -> Task
     return row
 
 
+def _expired_here(row: Task, token_hash: str) -> bool:
+    return token_hash in (row.expired_leases or [])
+
+
+def _refund(row: Task, token_hash: str) -> dict[str, Any]:
+    """Column values that undo an expiry: the lease was alive after all."""
+    return {
+        "attempts_used": max(0, row.attempts_used - 1),
+        "expired_leases": [h for h in row.expired_leases or [] if h != token_hash] or None,
+    }
+
+
 def heartbeat(db: Database, task_id: str, target: str, token: str, lease_timeout_s: float):
+    """Extend a lease. One that expired and was re-queued, but not leased again since,
+    is resumed (its attempt given back)."""
     th = hash_token(token)
 
     def op(s: Session) -> datetime:
         now = utcnow()
         expires = now + timedelta(seconds=lease_timeout_s)
-        row = _require_held(s, _load(s, task_id, target), th, lease_expires_at=expires)
+        row = _load(s, task_id, target)
+        if row.state == TaskState.QUEUED and _expired_here(row, th):
+            rc = s.execute(
+                update(Task)
+                .where(Task.id == row.id, Task.state == TaskState.QUEUED,
+                       Task.lease_token_hash.is_(None))
+                .values(state=TaskState.LEASED, lease_token_hash=th, lease_expires_at=expires,
+                        **_refund(row, th))
+            ).rowcount
+            s.refresh(row)
+            if rc != 1:
+                raise StaleLease(_stale_message(row))
+        else:
+            row = _require_held(s, row, th, lease_expires_at=expires)
         if row.worker_id:
             s.execute(
                 update(Worker).where(Worker.id == row.worker_id).values(last_heartbeat_at=now)
@@ -194,7 +228,9 @@ def submit_result(
     db: Database, task_id: str, target: str, token: str, outcome: dict[str, Any]
 ) -> tuple[bool, Task]:
     """Store a worker's outcome. Returns (accepted, task): accepted False means the same
-    lease already delivered its result (a duplicate, nothing changed)."""
+    lease already delivered its result (a duplicate, nothing changed). A result for a
+    lease that expired is accepted while the task is unfinished (queued again, or
+    leased to another worker whose lease it ends)."""
     th = hash_token(token)
 
     def op(s: Session) -> tuple[bool, Task]:
@@ -209,6 +245,19 @@ def submit_result(
             return True, row
         if row.state == TaskState.DONE and row.lease_token_hash == th:
             return False, row
+        if row.state in (TaskState.QUEUED, TaskState.LEASED) and _expired_here(row, th):
+            current = row.lease_token_hash
+            rc = s.execute(
+                update(Task)
+                .where(Task.id == row.id, Task.state == row.state,
+                       Task.lease_token_hash.is_(None) if current is None
+                       else Task.lease_token_hash == current)
+                .values(lease_token_hash=th, lease_expires_at=None, **done,
+                        **_refund(row, th))
+            ).rowcount
+            s.refresh(row)
+            if rc == 1:
+                return True, row
         raise StaleLease(_stale_message(row))
 
     return db.run(op)
@@ -280,7 +329,8 @@ def reap_expired(db: Database, max_attempts: int, limit: int = 500) -> list[Reap
 
     def find(s: Session):
         return s.execute(
-            select(Task.id, Task.job_id, Task.target, Task.attempts_used, Task.worker_id)
+            select(Task.id, Task.job_id, Task.target, Task.attempts_used, Task.worker_id,
+                   Task.lease_token_hash, Task.expired_leases)
             .where(Task.state == TaskState.LEASED, Task.lease_expires_at < now)
             .limit(limit)
         ).all()
@@ -300,15 +350,34 @@ def reap_expired(db: Database, max_attempts: int, limit: int = 500) -> list[Reap
                 f"{max_attempts}, worker {r.worker_id}); the worker was lost",
             }
             values = _attempt_spent(used, give_up, error, now)
+            values["expired_leases"] = [*(r.expired_leases or []), r.lease_token_hash]
             rc = s.execute(
                 update(Task)
                 .where(Task.id == r.id, Task.state == TaskState.LEASED,
+                       Task.lease_token_hash == r.lease_token_hash,
                        Task.lease_expires_at < now)
                 .values(**values)
             ).rowcount
             if rc == 1:
                 out.append(Reaped(r.id, r.job_id, r.target, requeued=not give_up))
         return out
+
+    return db.run(op)
+
+
+def extend_live_leases(db: Database, lease_timeout_s: float) -> int:
+    """Give every lease a full lease from now. The scheduler calls it when it could not
+    hear from the database (an outage, or a fresh start after the API was down): the
+    workers' heartbeats were refused meanwhile, so an expiry says nothing about them.
+    Returns how many leases were extended."""
+
+    def op(s: Session) -> int:
+        fresh = utcnow() + timedelta(seconds=lease_timeout_s)
+        return s.execute(
+            update(Task)
+            .where(Task.state == TaskState.LEASED, Task.lease_expires_at < fresh)
+            .values(lease_expires_at=fresh)
+        ).rowcount
 
     return db.run(op)
 
@@ -391,6 +460,7 @@ __all__ = [
     "WrongTarget",
     "cancel_job_tasks",
     "enqueue",
+    "extend_live_leases",
     "fail_task",
     "heartbeat",
     "lease_one",

@@ -179,6 +179,8 @@ class Task(Base):
     attempts_used: Mapped[int] = mapped_column(Integer, default=0)
     lease_token_hash: Mapped[str | None] = mapped_column(String(64), default=None)
     lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
+    # token hashes of leases that expired on this task (service/leases.py: a late result)
+    expired_leases: Mapped[list[str] | None] = mapped_column(JSON, default=None)
     worker_id: Mapped[str | None] = mapped_column(String(32), default=None)
     created_at: Mapped[datetime] = mapped_column(default=_now)
     leased_at: Mapped[datetime | None] = mapped_column(default=None)

@@ -3,10 +3,17 @@ search loop) with measurement done by remote workers.
 
 All state lives in the database; a tick can run in any API replica:
 
-1. reap leases that expired without a heartbeat (re-queue, or fail after max attempts);
+1. reap leases that expired without a heartbeat (re-queue, or fail after max attempts).
+   After a tick that failed (the database was away) and on a scheduler's first tick,
+   every lease first gets a full lease from now: the workers' heartbeats were refused
+   meanwhile, so an expiry says nothing about them (an outage spends no attempt);
 2. for each active job, claim its scheduling lock (an atomic ``UPDATE fitnas_jobs SET
    lock_owner = me ... WHERE lock_expires_at < now``, portable to SQLite and PostgreSQL),
-   so two replicas never drive the same job at once;
+   so two replicas never drive the same job at once. The lock is short
+   (``scheduler_lock_s``, 10 s) and renewed by a thread every third of it while the job
+   is driven: a replica that dies holding it stalls the job for at most that long. Every
+   write made under the lock re-checks it in its own transaction (``_renew``), so a
+   replica that was paused past its lock changes nothing once another took over;
 3. tell Optuna every task that finished (result stored by a worker, or failed for good),
    then mark it told (telling is idempotent, so a crash between the two is harmless);
 4. fail RUNNING trials no task owns (asked by a replica that died before queueing them;
@@ -28,6 +35,7 @@ import logging
 import os
 import secrets
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -89,6 +97,69 @@ class TickReport:
     errors: dict[str, str] = field(default_factory=dict)
 
 
+class ErrorLog:
+    """Logs each distinct error once per ``interval_s`` (with its traceback the first
+    time only), then how many times it recurred meanwhile: a failing database is a few
+    lines a minute, not a traceback every tick."""
+
+    def __init__(self, logger: logging.Logger, interval_s: float = 60.0,
+                 clock: Any = time.monotonic) -> None:
+        self.log, self.interval_s, self._clock = logger, interval_s, clock
+        self._seen: dict[str, tuple[float, int]] = {}
+        self._traced: set[str] = set()
+
+    def error(self, what: str, exc: BaseException) -> bool:
+        """Log ``what: exc`` unless the same error was logged within the interval;
+        returns whether it was logged."""
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        key = f"{what}: {type(exc).__name__}: {text}"[:500]
+        now = self._clock()
+        last, repeats = self._seen.get(key, (None, 0))
+        if last is not None and now - last < self.interval_s:
+            self._seen[key] = (last, repeats + 1)
+            return False
+        self._seen[key] = (now, 0)
+        more = f" (and {repeats} more time(s) in the last {self.interval_s:.0f} s)" \
+            if repeats else ""
+        trace = key not in self._traced
+        self._traced.add(key)
+        self.log.error("%s%s", key, more, exc_info=exc if trace else None)
+        return True
+
+
+class LockKeeper(threading.Thread):
+    """Renews one job's scheduling lock every ``every_s`` while it is driven. A renewal
+    that matches nothing (the lock was taken over) stops it; the drive's own conditional
+    writes then fail with :class:`LockLost`."""
+
+    def __init__(self, db: Database, job_id: str, owner: str, lock_s: float) -> None:
+        super().__init__(name=f"lock-{job_id}", daemon=True)
+        self.db, self.job_id, self.owner, self.lock_s = db, job_id, owner, lock_s
+        self.renewals = 0
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while not self._done.wait(self.lock_s / 3):
+            def op(s: Session) -> int:
+                expires = utcnow() + timedelta(seconds=self.lock_s)
+                return s.execute(
+                    update(Job).where(Job.id == self.job_id, Job.lock_owner == self.owner)
+                    .values(lock_expires_at=expires)
+                ).rowcount
+
+            try:
+                if self.db.run(op) != 1:
+                    return
+                self.renewals += 1
+            except Exception as exc:  # the next renewal retries; the lock may expire
+                log.warning("could not renew the lock of job %s: %s", self.job_id, exc)
+
+    def stop(self) -> None:
+        self._done.set()
+        if self.is_alive():
+            self.join(5.0)
+
+
 class Scheduler:
     def __init__(self, db: Database, settings: Settings,
                  metrics: Metrics | NullMetrics | None = None, owner: str | None = None) -> None:
@@ -99,12 +170,32 @@ class Scheduler:
         self.optuna_url = settings.optuna_url
         self._drivers: dict[str, SearchDriver] = {}
         self._errors: dict[str, int] = {}
+        self.error_log = ErrorLog(log)
+        self._heard = False  # False until a tick got through (and after one that did not)
 
     # ---- the tick ---------------------------------------------------------------------
 
     def tick(self) -> TickReport:
-        report = TickReport()
+        """One pass over every job. A tick that fails (the database is away) is counted
+        in ``fitnas_scheduler_errors_total``, logged through :class:`ErrorLog`, and
+        raised to the caller."""
         self.metrics.scheduler_ticks.inc()
+        try:
+            return self._tick()
+        except Exception as exc:
+            self._heard = False
+            self.metrics.scheduler_errors.inc()
+            self.error_log.error("scheduler tick failed", exc)
+            raise
+
+    def _tick(self) -> TickReport:
+        report = TickReport()
+        if not self._heard:
+            extended = leases.extend_live_leases(self.db, self.settings.lease_timeout_s)
+            if extended:
+                log.info("gave %d lease(s) a fresh lease: their heartbeats may have been "
+                         "refused while the database was unreachable", extended)
+            self._heard = True
         report.reaped = reap_expired(self.db, self.settings.max_attempts)
         for r in report.reaped:
             self.metrics.lease_expiries.labels(
@@ -118,6 +209,8 @@ class Scheduler:
             if not self._claim(job_id):
                 report.skipped_locked.append(job_id)
                 continue
+            keeper = LockKeeper(self.db, job_id, self.owner, self.settings.scheduler_lock_s)
+            keeper.start()
             try:
                 report.jobs[job_id] = self._drive(job_id)
                 self._errors.pop(job_id, None)
@@ -127,6 +220,7 @@ class Scheduler:
                 self._job_error(job_id, exc)
                 report.errors[job_id] = f"{type(exc).__name__}: {exc}"
             finally:
+                keeper.stop()
                 self._release(job_id)
         return report
 
@@ -218,8 +312,11 @@ class Scheduler:
         infra = isinstance(exc, DBAPIError | StorageUnavailable)
         fatal = isinstance(exc, SearchError) or (not infra and n >= MAX_CONSECUTIVE_ERRORS)
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        log.error("job %s: %s (%d in a row)%s", job_id, msg, n, "; failing the job" if fatal
-                  else "", exc_info=not isinstance(exc, SearchError))
+        if fatal or isinstance(exc, SearchError):
+            log.error("job %s: %s (%d in a row)%s", job_id, msg, n,
+                      "; failing the job" if fatal else "")
+        else:
+            self.error_log.error(f"job {job_id}", exc)
         now = utcnow()
 
         def op(s: Session) -> None:
@@ -227,8 +324,8 @@ class Scheduler:
 
         try:
             self.db.run(op)
-        except Exception:  # pragma: no cover - the DB itself is failing; next tick retries
-            log.exception("could not record the error of job %s", job_id)
+        except Exception as again:  # the DB itself is failing; next tick retries
+            self.error_log.error(f"could not record the error of job {job_id}", again)
         if fatal:
             self._drivers.pop(job_id, None)
 
@@ -594,10 +691,9 @@ class SchedulerLoop:
 
         while not self._stopping:
             started = time.monotonic()
-            try:
+            # a failed tick is counted and logged (rate-limited) by Scheduler.tick
+            with contextlib.suppress(Exception):
                 await asyncio.to_thread(self.scheduler.tick)
-            except Exception:
-                log.exception("scheduler tick failed")
             self._event.clear()
             wait = max(0.05, self.interval_s - (time.monotonic() - started))
             with contextlib.suppress(TimeoutError):

@@ -58,7 +58,9 @@ class Settings(BaseSettings):
     # ---- scheduler ----
     scheduler_enabled: bool = True
     scheduler_interval_s: float = Field(1.0, gt=0, le=600)
-    scheduler_lock_s: float = Field(120.0, gt=0, description="per-job scheduling lock lease")
+    # Short on purpose: the lock is renewed every third of it while its replica drives
+    # the job, so another replica takes over a dead replica's job within this time.
+    scheduler_lock_s: float = Field(10.0, gt=0, description="per-job scheduling lock lease")
     scheduler_max_asks_per_tick: int = Field(200, ge=1)
 
     # ---- limits ----

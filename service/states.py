@@ -5,7 +5,8 @@
   ``completed`` (N trials finished) | ``cancelled`` (by its owner) | ``failed`` (the
   scheduler could not drive it; ``error`` says why). ``finalized_at`` is set once the
   Pareto set and the winner are stored. The writes are in ``service/jobs.py``.
-* task: ``queued`` -> ``leased`` -> ``done`` (result stored) | back to ``queued`` (lease
+* task: ``queued`` -> ``leased`` -> ``done`` (result stored; also from ``queued``: the
+  late result of an expired lease) | back to ``queued`` (lease
   expired, worker failure or release) | ``failed`` (attempts exhausted) | ``cancelled``
   (job cancelled or failed). ``told_at`` is set once the scheduler has told Optuna. The
   writes are in ``service/leases.py``.
@@ -51,7 +52,8 @@ JOB_TRANSITIONS: dict[JobStatus, tuple[JobStatus, ...]] = {
 }
 
 TASK_TRANSITIONS: dict[TaskState, tuple[TaskState, ...]] = {
-    TaskState.QUEUED: (TaskState.LEASED, TaskState.CANCELLED),
+    # queued -> done: the late result of a lease that expired (service/leases.py)
+    TaskState.QUEUED: (TaskState.LEASED, TaskState.DONE, TaskState.CANCELLED),
     TaskState.LEASED: (TaskState.DONE, TaskState.QUEUED, TaskState.FAILED,
                        TaskState.CANCELLED),
     TaskState.DONE: (),

@@ -94,9 +94,10 @@ def create_worker_token(db: Database, target: str, name: str = "") -> tuple[str,
 
 
 def revoke(db: Database, token_or_prefix: str) -> int:
-    """Revoke API keys / worker tokens by full token or by the shown prefix."""
+    """Revoke API keys / worker tokens by full token or by the shown prefix, as printed
+    (``fnk_07qRWi...``: the dots may be pasted along)."""
     now = utcnow()
-    key = token_or_prefix.strip()
+    key = token_or_prefix.strip().removesuffix("...").removesuffix("\u2026")
 
     def op(s: Session) -> int:
         n = 0

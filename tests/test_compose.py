@@ -100,6 +100,33 @@ def test_services_are_wired_as_designed(compose):
     assert set(compose["volumes"]) >= {"pgdata"}
 
 
+def test_deployment_details(compose):
+    """Compose v2 is said; healthchecks everywhere; workers wait for a healthy API and a
+    bootstrapped token (read from a file, so no restart loop); latency workers pinned to
+    cores, never a CPU quota; the CUDA image has ONNX Runtime's GPU package."""
+    text = (ROOT / "docker-compose.yml").read_text()
+    assert "name" in compose and "Compose v2" in text
+    s = compose["services"]
+    for name in ("worker-cpu", "worker-cuda", "dashboard", "api", "postgres"):
+        assert s[name]["healthcheck"]["test"], name
+    for name, boot in (("worker-cpu", "bootstrap"), ("worker-cuda", "bootstrap-cuda")):
+        svc = s[name]
+        assert svc["depends_on"]["api"]["condition"] == "service_healthy"
+        assert svc["depends_on"][boot]["condition"] == "service_completed_successfully"
+        token_file = interpolate(svc["environment"]["FITNAS_WORKER_TOKEN_FILE"], {})
+        cmd = s[boot]["command"]
+        assert cmd[:3] == ["fitnas", "admin", "create-worker-token"]
+        assert cmd[cmd.index("--write-to") + 1] == token_file
+        assert cmd[cmd.index("--target") + 1] == svc["command"][svc["command"].index(
+            "--target") + 1]
+        health = svc["environment"]["FITNAS_WORKER_HEALTH_FILE"]
+        assert health in " ".join(svc["healthcheck"]["test"])
+        assert "cpus" not in svc and "cpu_quota" not in svc
+    assert "cpuset" in s["worker-cpu"] and "CFS" in text
+    assert s["worker-cuda"]["build"]["args"]["ONNXRUNTIME_PACKAGE"] == "onnxruntime-gpu"
+    assert "ONNXRUNTIME_PACKAGE" in (ROOT / "Dockerfile").read_text()
+
+
 def test_interpolation_defaults(compose):
     url = compose["services"]["api"]["environment"]["FITNAS_DATABASE_URL"]
     assert interpolate(url, {}) == "postgresql+psycopg://fitnas:fitnas@postgres:5432/fitnas"

@@ -126,6 +126,9 @@ def _compose_env(service: str, database_url: str, optuna_url: str, work: Path) -
     return out
 
 
+COMPOSE_TOKENS_DIR = "/var/lib/fitnas/tokens"
+
+
 def start_service(work: Path, database_url: str, optuna_url: str, n_workers: int,
                   target: str = "cpu") -> Service:
     stack = Stack(work)
@@ -159,6 +162,21 @@ def start_service(work: Path, database_url: str, optuna_url: str, n_workers: int
     key, token = (proc.stdout.strip() for proc in made)
     assert key.startswith("fnk_") and token.startswith("fnw_")
 
+    # bootstrap: the one-shot that writes the workers' token file, kept on a restart
+    tokens = work / "tokens"
+
+    def on_this_machine(value: str) -> str:
+        return value.replace(COMPOSE_TOKENS_DIR, str(tokens))
+
+    bootstrap = [on_this_machine(a) for a in local("bootstrap")]
+    for again in (False, True):
+        proc = run_cli(bootstrap[1:], server_env, work)
+        assert proc.returncode == 0 and proc.stdout == "", proc.stderr
+        assert ("kept" in proc.stderr) == again, proc.stderr
+    token_file = Path(bootstrap[bootstrap.index("--write-to") + 1])
+    assert token_file.read_text().startswith("fnw_")
+    assert token_file.stat().st_mode & 0o077 == 0
+
     svc = Service(work, stack, api_url, f"http://127.0.0.1:{dash_port}", database_url,
                   optuna_url, key, token, dashboard_port=dash_port)
     api = stack.start("api", local("api"), server_env)
@@ -167,12 +185,16 @@ def start_service(work: Path, database_url: str, optuna_url: str, n_workers: int
     worker_argv = local("worker-cpu")
     assert worker_argv[:2] == ["fitnas", "worker"] and api_url in worker_argv
     assert worker_argv[worker_argv.index("--target") + 1] == target
-    wenv = service_environment("worker-cpu")
-    assert set(wenv) == {"FITNAS_WORKER_TOKEN", "FITNAS_DATA_SOURCES"}
-    wenv["FITNAS_WORKER_TOKEN"] = token
+    wenv = {k: on_this_machine(v) for k, v in service_environment("worker-cpu").items()}
+    assert set(wenv) == {"FITNAS_WORKER_TOKEN", "FITNAS_WORKER_TOKEN_FILE",
+                         "FITNAS_WORKER_HEALTH_FILE", "FITNAS_DATA_SOURCES"}
+    assert wenv["FITNAS_WORKER_TOKEN"] == "" and wenv["FITNAS_WORKER_TOKEN_FILE"] == \
+        str(token_file)  # the token the bootstrap wrote, never on a command line
     base = worker_only_env(work / "worker-site", clean_env())
     for i in range(n_workers):
-        svc.workers.append(stack.start(f"worker-{i + 1}", worker_argv, {**base, **wenv}))
+        health = str(work / f"worker-{i + 1}.alive")
+        svc.workers.append(stack.start(f"worker-{i + 1}", worker_argv,
+                                       {**base, **wenv, "FITNAS_WORKER_HEALTH_FILE": health}))
     return svc
 
 

@@ -323,6 +323,8 @@ def test_worker_started_before_the_api_backs_off_then_heartbeats_and_reports(api
         assert q["signal"] == "train" and q["details"]["data"] == "blobs"
         assert q["details"]["source"] == str(api.workdir / "blobs.npz")
         assert q["details"]["n_train"] + q["details"]["n_val"] == 48
+        # the worker's warm child, held for its lifetime: no interpreter start per task
+        assert outcome["evaluator"]["mode"] == "warm"
     log = early.log()
     evals = [float(s) for s in re.findall(r"evaluated in ([0-9.]+) s", log)]
     assert len(evals) == 1 and evals[0] > LEASE_TIMEOUT_S

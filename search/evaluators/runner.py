@@ -13,6 +13,8 @@ never sees an exception for a model's failure and lives on.
   "can't allocate memory") -> ``out_of_memory``. On CUDA the address-space cap cannot be
   used (the driver maps huge virtual ranges), so a watchdog thread caps resident memory
   instead; CUDA's own out-of-memory error maps to ``out_of_memory`` too.
+- The child dies with its parent, even one killed -9 (:func:`_die_with_parent`), and
+  takes the temporary directory with it.
 - A child killed by SIGKILL that we did not send (the kernel's OOM killer) ->
   ``out_of_memory``; another signal -> ``crashed``.
 
@@ -49,6 +51,7 @@ _LOG_TAIL_BYTES = 8192
 # Progress of a multi-fidelity evaluation: (step, value) -> go on? (False: stop, pruned)
 ProgressCallback = Callable[[int, float], bool]
 _PROGRESS_ENV = "FITNAS_PROGRESS_FDS"  # "<write fd>,<read fd>" in the child
+_PARENT_ENV = "FITNAS_EVAL_PARENT_PID"  # the child dies when this process is gone
 
 
 def _first_line(exc: BaseException) -> str:
@@ -254,10 +257,35 @@ def _rss_watchdog(limit_bytes: int, result_path: str, memory_mb: int) -> None:
     threading.Thread(target=watch, name="rss-watchdog", daemon=True).start()
 
 
+_PARENT_POLL_S = 0.5
+
+
+def _die_with_parent(parent_pid: int, tmp_dir: Path) -> None:
+    """The child dies with its parent: it runs in a session of its own (so that a timeout
+    kills its whole group), which also keeps it alive when its parent is killed -9. A
+    watchdog thread notices the parent is gone (``getppid`` changes), removes the
+    temporary directory the parent can no longer remove and kills the child's group.
+    (``PR_SET_PDEATHSIG`` would fire when the parent's *thread* that started the child
+    ends, and the worker starts evaluations from short-lived threads.)"""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(_PARENT_POLL_S)
+        import shutil
+
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.killpg(0, signal.SIGKILL)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
+
+
 def child_main(task_path: str, result_path: str) -> int:
     """Entry point of the child process."""
     import resource
 
+    _die_with_parent(int(os.environ.get(_PARENT_ENV, os.getppid())), Path(task_path).parent)
     with contextlib.suppress(ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     payload = json.loads(Path(task_path).read_text(encoding="utf-8"))
@@ -394,6 +422,7 @@ def _child_env() -> dict[str, str]:
     env.setdefault("MALLOC_ARENA_MAX", "2")  # fewer 64 MiB malloc arenas in address space
     allocator.child_env(env)  # fixed thresholds from the first allocation on
     env["PYTHONUNBUFFERED"] = "1"
+    env[_PARENT_ENV] = str(os.getpid())
     return env
 
 

@@ -6,6 +6,12 @@ from __future__ import annotations
 
 import sys
 
+if sys.argv[1:2] == ["worker"]:
+    # before the imports below: a SIGTERM during start-up must not kill a worker
+    from service import signals as _stop_signals
+
+    _stop_signals.install()
+
 import typer
 
 from service.cli import arch, evaluate, predictor, quality, search, server, trials, worker

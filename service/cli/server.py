@@ -9,6 +9,7 @@ inside the commands.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import typer
 
@@ -201,11 +202,18 @@ def create_worker_token_cmd(
     target: str = typer.Option(..., "--target", help="the target (device class) this "
                                "token may serve; created if new"),
     name: str = typer.Option("", "--name", help="a label for the token"),
+    write_to: Path | None = typer.Option(
+        None, "--write-to", help="write the token to this file (mode 0600) instead of "
+        "stdout, for a worker's FITNAS_WORKER_TOKEN_FILE; a file that already holds a "
+        "token is kept (a bootstrap that runs on every start makes one token once)"),
     database_url: str = _DB_URL,
 ) -> None:
     """Make a worker token scoped to one target. Prints the token (once) on stdout."""
     from service.tokens import AuthError, create_worker_token
 
+    if write_to is not None and write_to.is_file() and write_to.read_text().strip():
+        typer.echo(f"{write_to} already holds a worker token; kept", err=True)
+        return
     _, db = _open_db(database_url)
     try:
         token, row = create_worker_token(db, target, name)
@@ -213,6 +221,19 @@ def create_worker_token_cmd(
         fail(str(exc))
     finally:
         db.dispose()
+    if write_to is not None:
+        try:
+            write_to.parent.mkdir(parents=True, exist_ok=True)
+            tmp = write_to.with_name(write_to.name + ".tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(token + "\n")
+            os.replace(tmp, write_to)  # a worker waiting for it never reads half a token
+        except OSError as exc:
+            fail(f"cannot write {write_to}: {exc.strerror or exc}")
+        typer.echo(f"worker token {row.prefix}... for target {target!r} written to "
+                   f"{write_to}", err=True)
+        return
     typer.echo(f"worker token {row.prefix}... for target {target!r}; it is shown only now",
                err=True)
     typer.echo(token)

@@ -13,6 +13,31 @@ import typer
 from service.cli.common import fail
 
 
+def _wait_for_token_file(path: Path, poll_s: float = 1.0) -> str | None:
+    """The token from ``path`` once it exists and is not empty (a bootstrap writes it);
+    None if the worker is told to stop meanwhile. Waiting, not exiting, keeps a worker
+    started before its token from restarting in a loop."""
+    import logging
+    import threading
+
+    from service import signals
+
+    log = logging.getLogger("fitnas.worker")
+    said = False
+    while not signals.pending():
+        try:
+            token = path.read_text(encoding="utf-8").strip()
+        except OSError:
+            token = ""
+        if token:
+            return token
+        if not said:
+            log.warning("waiting for the worker token in %s", path)
+            said = True
+        threading.Event().wait(poll_s)
+    return None
+
+
 def register(app: typer.Typer) -> None:
     @app.command("worker")
     def worker(
@@ -29,6 +54,16 @@ def register(app: typer.Typer) -> None:
             None, "--token", envvar="FITNAS_WORKER_TOKEN", show_default=False,
             help="Worker token (prefer the FITNAS_WORKER_TOKEN environment variable: "
             "arguments show in ps).",
+        ),
+        token_file: Path | None = typer.Option(
+            None, "--token-file", envvar="FITNAS_WORKER_TOKEN_FILE", show_default=False,
+            help="Read the worker token from this file (a secret mounted into a "
+            "container); until it exists the worker waits for it instead of exiting.",
+        ),
+        health_file: Path | None = typer.Option(
+            None, "--health-file", envvar="FITNAS_WORKER_HEALTH_FILE", show_default=False,
+            help="Touched on every answer from the API: a container healthcheck reads its "
+            "age.",
         ),
         device: str = typer.Option(
             "cpu", "--device", envvar="FITNAS_WORKER_DEVICE", help="cpu, cuda or cuda:N."
@@ -81,6 +116,11 @@ def register(app: typer.Typer) -> None:
             load_data_sources,
         )
 
+        configure_logging(log_level)
+        if not (token or "").strip() and token_file is not None:
+            token = _wait_for_token_file(token_file)
+            if token is None:  # stopped while waiting
+                raise typer.Exit(0)
         try:
             sources = load_data_sources(data_sources)
             config = WorkerConfig(
@@ -95,11 +135,11 @@ def register(app: typer.Typer) -> None:
                 grace_s=grace,
                 max_tasks=max_tasks,
                 backoff_cap_s=backoff_cap,
+                health_file=str(health_file) if health_file else None,
             )
             check_environment(config)
         except WorkerError as exc:
             fail(str(exc))
-        configure_logging(log_level)
         try:
             code = Worker(config).run()
         except WorkerError as exc:

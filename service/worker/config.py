@@ -135,6 +135,7 @@ class WorkerConfig:
     backoff_base_s: float = 0.5
     backoff_cap_s: float = 30.0
     request_timeout_s: float = 30.0
+    health_file: str | None = None  # touched on every answer from the API
 
     def __post_init__(self) -> None:
         self.server = self.server.strip().rstrip("/")

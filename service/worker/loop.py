@@ -1,12 +1,15 @@
 """The device worker: leases measurement tasks from the API over HTTP, evaluates each one
-isolated in a child process (timeout and memory ceiling), heartbeats the lease from a
+isolated in a warm child process held for its lifetime (timeout and memory ceiling; see
+search/evaluators/warm.py), heartbeats the lease from a
 background thread meanwhile and reports the outcome.
 
 Protocol (all under ``/v1``, ``Authorization: Bearer <worker token>``): register, then
 lease (long poll) -> heartbeat while evaluating -> result | fail | release. A 409 on a
-heartbeat or a result means the lease was lost (expired and re-queued, or handed to
-someone else): the worker drops the task. While the API is unreachable the worker retries
-with capped exponential backoff and jitter. On SIGTERM/SIGINT it finishes the current
+heartbeat during the evaluation, or on a result, means the lease was lost (handed to
+someone else, the task finished or was cancelled): the worker drops the task. While the
+API is unreachable the worker retries with capped exponential backoff and jitter, and
+keeps a finished result until the API answers it (an expired lease's result is still
+accepted, see service/leases.py). On SIGTERM/SIGINT it finishes the current
 evaluation if it can within the grace period, otherwise releases the lease; then it exits
 with status 0. A second signal skips the grace period.
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
 import signal
 import threading
@@ -30,6 +34,7 @@ import httpx
 from pydantic import ValidationError
 
 from search.evaluators.types import EvalOutcome, EvalTask
+from service import signals as stop_signals
 from service.protocol import LeaseOut
 from service.worker.client import (
     ApiClient,
@@ -48,9 +53,12 @@ Evaluator = Callable[..., EvalOutcome]
 
 
 def _default_evaluator() -> Evaluator:
-    from search.evaluators.runner import evaluate
+    """A warm evaluation child for the worker's lifetime (as ``fitnas search`` uses):
+    the interpreter, torch and the runtimes are paid once, not per candidate; the child
+    is still replaced after a failure and recycled every few tasks."""
+    from search.evaluators.warm import WarmEvaluator
 
-    return evaluate
+    return WarmEvaluator()
 
 
 def _default_fingerprint(device: str) -> dict[str, Any]:
@@ -131,6 +139,7 @@ class Worker:
     ) -> None:
         self.config = config
         self._evaluate = evaluate
+        self._owned_evaluator: Any = None  # the warm evaluator this worker made and closes
         self._fingerprint = fingerprint or _default_fingerprint
         self._transport = transport
         self._rng = rng or random.Random()
@@ -171,29 +180,30 @@ class Worker:
         self._stop.set()
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
+        """Only sets events: a handler that wrote to the log itself could interrupt a
+        log write of the main thread (a reentrant write fails). The two changes of state
+        are logged from a short thread; further signals change nothing and say nothing."""
         name = signal.Signals(signum).name
+        if self._stop_now.is_set():
+            return
         if self._stop.is_set():
-            log.warning("%s again: releasing the current task now", name)
+            msg: tuple = ("%s again: releasing the current task now", name)
         else:
-            log.info("%s: stopping (grace period %.0f s for the current evaluation)",
-                     name, self.config.grace_s)
+            msg = ("%s: stopping (grace period %.0f s for the current evaluation)",
+                   name, self.config.grace_s)
         self.stop()
-
-    def _install_signals(self) -> dict[int, Any]:
-        if threading.current_thread() is not threading.main_thread():
-            return {}
-        old = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            old[sig] = signal.signal(sig, self._on_signal)
-        return old
+        threading.Thread(target=log.warning, args=msg, name="signal-log", daemon=True).start()
 
     # -- main loop
 
     def run(self) -> int:
-        old = self._install_signals()
+        with stop_signals.listen(self._on_signal):
+            return self._run()
+
+    def _run(self) -> int:
         try:
-            if self._evaluate is None:
-                self._evaluate = _default_evaluator()
+            if self._evaluate is None and not self._stop.is_set():
+                self._evaluate = self._owned_evaluator = _default_evaluator()
             if not self._register_until_ok():
                 return 0
             while not self._stop.is_set():
@@ -205,8 +215,6 @@ class Worker:
                     self._handle(lease)
             return 0
         finally:
-            for sig, handler in old.items():
-                signal.signal(sig, handler)
             log.info(
                 "worker %s exiting: %d leased, %d reported, %d failed, %d released, %d lost",
                 self.worker_id, self.stats.leased, self.stats.reported, self.stats.failed,
@@ -214,6 +222,19 @@ class Worker:
             )
             self.api.close()
             self._hb_api.close()
+            if self._owned_evaluator is not None:
+                self._owned_evaluator.close()
+                self._evaluate = self._owned_evaluator = None
+
+    def _alive(self) -> None:
+        """The API answered: touch the health file (a container healthcheck reads its
+        age; a worker stuck without its API turns unhealthy)."""
+        if self.config.health_file:
+            try:
+                with open(self.config.health_file, "a"):
+                    os.utime(self.config.health_file)
+            except OSError as exc:
+                log.debug("health file %s: %s", self.config.health_file, exc)
 
     def _fingerprint_once(self) -> dict[str, Any]:
         if self._fp is None:
@@ -226,6 +247,8 @@ class Worker:
 
     def _register_until_ok(self) -> bool:
         backoff = self._backoff()
+        if self._stop.is_set():
+            return False
         fp = self._fingerprint_once()
         while not self._stop.is_set():
             try:
@@ -247,6 +270,7 @@ class Worker:
             self.lease_timeout_s = info.lease_timeout_s
             self.stats.registrations += 1
             self._last_idle_beat = time.monotonic()
+            self._alive()
             log.info(
                 "registered as %s (target %s, device %s, runtimes %s); heartbeat every "
                 "%.1f s", self.worker_id, self.config.target, self.config.device,
@@ -278,6 +302,7 @@ class Worker:
         if backoff.attempt:
             log.info("API reachable again")
         backoff.reset()
+        self._alive()
         if lease is None:
             return None
         if self._stop.is_set():
@@ -339,10 +364,6 @@ class Worker:
                     self._release(task_id, token)
                     return
         log.info("task %s: evaluated in %.1f s", task_id, time.monotonic() - t0)
-        if lost.is_set():
-            self.stats.lost += 1
-            log.warning("task %s: lease lost during the evaluation; result dropped", task_id)
-            return
         if ev.error is not None or ev.outcome is None:
             exc = ev.error
             msg = f"{type(exc).__name__}: {exc}" if exc else "the evaluator returned nothing"
@@ -350,9 +371,12 @@ class Worker:
             keeper.stop()
             self._fail(task_id, token, "crashed", f"worker-side error: {msg}")
             return
-        self._submit(task_id, token, ev.outcome, keeper, lost, deadline)
+        self._submit(task_id, token, ev.outcome, keeper, deadline)
 
     def _abort(self, ev: _Evaluation, before: set[int]) -> None:
+        abort = getattr(self._evaluate, "abort", None)
+        if abort is not None:  # the warm child existed before this task began
+            abort()
         n = _kill_new_children(before)
         ev.join(10.0)
         if n:
@@ -360,22 +384,19 @@ class Worker:
 
     def _submit(
         self, task_id: str, token: str, outcome: EvalOutcome, keeper: LeaseKeeper,
-        lost: threading.Event, deadline: float | None,
+        deadline: float | None,
     ) -> None:
         """Report the outcome, retrying while the API is unreachable (the lease keeper
-        keeps the lease alive meanwhile). Gives up only when the lease is lost or, while
+        keeps the lease alive meanwhile). A finished result is kept until the API has
+        answered it, even when a heartbeat was refused meanwhile: the API accepts the
+        result of an expired lease while the task is unfinished, so an outage longer than
+        the lease measures nothing twice. Gives up only on the API's 409 or, while
         stopping, when the grace period is over (the lease then expires and the task is
         re-queued: nothing is told twice)."""
         backoff = self._backoff()
         while True:
-            if lost.is_set():
-                self.stats.lost += 1
-                log.warning("task %s: lease lost before the result got through", task_id)
-                return
             try:
                 with keeper.exclusive():
-                    if lost.is_set():
-                        continue
                     try:
                         answer = self.api.result(task_id, token, outcome)
                     except (LeaseLost, ProtocolError):
