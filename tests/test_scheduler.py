@@ -284,8 +284,13 @@ def utcnow_minus(seconds: float):
 def test_over_budget_trials_never_reach_workers(client, app, user_key, make_worker_token):
     _, h = user_key
     target, _ = make_worker_token()
+    # a budget no network of the space meets is refused before anything runs
+    r = client.post("/v1/jobs", headers=h, json=job_body(
+        target, trials=5, budgets={"max_params": 500}))
+    assert r.status_code == 422 and "budgets.max_params 500" in r.json()["detail"]
+    # one that only the space's very smallest networks meet: the sampled ones are over it
     job = client.post("/v1/jobs", headers=h, json=job_body(
-        target, trials=5, budgets={"max_params": 500})).json()
+        target, trials=5, budgets={"max_params": 1195})).json()
     report = app.state.scheduler.tick()
     assert report.jobs[job["id"]].over_budget == 5
     got = _get(client, h, job["id"])
@@ -294,7 +299,7 @@ def test_over_budget_trials_never_reach_workers(client, app, user_key, make_work
     assert _tasks(app, job["id"]) == []
     trials = client.get(f"/v1/jobs/{job['id']}/trials", headers=h).json()["items"]
     assert all(t["state"] == "PRUNED" and t["constraints"]["params"] > 0 for t in trials)
-    assert all(t["params"] > 500 for t in trials)
+    assert all(t["params"] > 1195 for t in trials)
     assert client.get(f"/v1/jobs/{job['id']}/pareto", headers=h).json()["items"] == []
     w = client.get(f"/v1/jobs/{job['id']}/winner", headers=h).json()
     assert w["final"] and w["trial"] is None and w["exports"] == {}
