@@ -131,3 +131,30 @@ def test_runner_imports_without_torch():
     code = ("import sys, search.evaluators.runner, search.evaluators.types; "
             "sys.exit(1 if 'torch' in sys.modules or 'optuna' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_folders_of_dead_evaluators_are_swept_on_the_next_start(tmp_path):
+    """kill -9 of a parent and its child together leaves their folder; the next
+    evaluator that starts removes it, and never a live process's folder."""
+    import subprocess
+    import sys
+
+    from search.evaluators.runner import OWNER_FILE, sweep_stale_dirs
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    gone = tmp_path / "fitnas-eval-gone"
+    gone.mkdir()
+    (gone / OWNER_FILE).write_text(str(dead.pid))
+    (gone / "task.json").write_text("{}")
+    live = tmp_path / "fitnas-warm-live"
+    live.mkdir()
+    (live / OWNER_FILE).write_text("1")  # init: always alive
+    mine = tmp_path / "fitnas-eval-mine"
+    mine.mkdir()
+    (mine / OWNER_FILE).write_text(str(__import__("os").getpid()))
+    other = tmp_path / "unrelated"
+    other.mkdir()
+    (other / OWNER_FILE).write_text(str(dead.pid))
+    assert sweep_stale_dirs(str(tmp_path)) == [str(gone)]
+    assert not gone.exists() and live.exists() and mine.exists() and other.exists()

@@ -446,57 +446,117 @@ def run_isolated(task: EvalTask, data_sources: dict[str, str] | None = None,
                 os.close(fd)
 
 
+# Temporary folders of evaluations carry their owner's pid, so that one left behind by a
+# parent killed with -9 together with its child (nothing alive to clean up) is removed
+# the next time any evaluator starts on this machine.
+TMP_PREFIXES = ("fitnas-eval-", "fitnas-warm-")
+OWNER_FILE = ".owner-pid"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def sweep_stale_dirs(root: str | None = None) -> list[str]:
+    """Remove evaluation folders under ``root`` (the temp folder) whose owning process is
+    gone; returns the ones removed. A folder without an owner file is left alone."""
+    import shutil
+
+    removed = []
+    base = Path(root or tempfile.gettempdir())
+    try:
+        entries = list(base.iterdir())
+    except OSError:
+        return removed
+    for d in entries:
+        if not d.name.startswith(TMP_PREFIXES) or not d.is_dir():
+            continue
+        try:
+            pid = int((d / OWNER_FILE).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if pid != os.getpid() and not _alive(pid):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(str(d))
+    return removed
+
+
+def make_eval_dir(prefix: str) -> Path:
+    """A new evaluation folder, owned by this process (see :func:`sweep_stale_dirs`)."""
+    sweep_stale_dirs()
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    (path / OWNER_FILE).write_text(str(os.getpid()))
+    return path
+
+
 def _run_isolated(task: EvalTask, data_sources: dict[str, str] | None, t0: float,
                   env: dict[str, str], pass_fds: tuple[int, ...],
                   on_progress: ProgressCallback | None, pipes: list[int]) -> EvalOutcome:
-    with tempfile.TemporaryDirectory(prefix="fitnas-eval-") as tmp:
-        task_path = Path(tmp, "task.json")
-        result_path = Path(tmp, "result.json")
-        log_path = Path(tmp, "child.log")
-        task_path.write_text(json.dumps({"task": task.model_dump(mode="json"),
-                                         "data_sources": data_sources}), encoding="utf-8")
-        cmd = [sys.executable, "-m", "search.evaluators.runner", "--child", str(task_path),
-               str(result_path)]
-        with open(log_path, "wb") as log:
-            try:
-                proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                        env=env, start_new_session=True, pass_fds=pass_fds)
-            except OSError as exc:
-                return EvalOutcome(ok=False, failure=Failure(
-                    reason="crashed", message=f"could not start the evaluation: {exc}"),
-                    seconds=time.perf_counter() - t0)
-            try:
-                if on_progress is None:
-                    returncode = proc.wait(timeout=task.timeout_s)
-                else:
-                    for fd in pass_fds:  # the child's ends: EOF once the child is done
-                        os.close(fd)
-                    pipes[1] = pipes[2] = -1
-                    returncode = _wait_with_progress(proc, task.timeout_s, pipes[0], pipes[3],
-                                                     on_progress)
-            except subprocess.TimeoutExpired:
-                _kill_group(proc)
-                return EvalOutcome(ok=False, failure=Failure(
-                    reason="timeout",
-                    message=f"no result after {task.timeout_s:g} s; the evaluation was killed"),
-                    seconds=time.perf_counter() - t0)
-            except BaseException:
-                _kill_group(proc)
-                raise
-            _kill_group(proc)  # anything the child left behind in its group
-        seconds = time.perf_counter() - t0
-        if result_path.is_file():
-            try:
-                outcome = EvalOutcome.model_validate_json(result_path.read_text("utf-8"))
-            except ValueError as exc:
-                return EvalOutcome(ok=False, failure=Failure(
-                    reason="crashed", message=f"unreadable result from the evaluation: {exc}"),
-                    seconds=seconds)
-            outcome.seconds = seconds
-            outcome.evaluator = EvaluatorInfo(mode="one_shot", fresh=True)
-            return outcome
-        return EvalOutcome(ok=False, failure=exit_failure(returncode, _log_tail(log_path)),
-                           seconds=seconds, evaluator=EvaluatorInfo(mode="one_shot", fresh=True))
+    tmp_dir = make_eval_dir("fitnas-eval-")
+    try:
+        return _run_in(tmp_dir, task, data_sources, t0, env, pass_fds, on_progress, pipes)
+    finally:
+        import shutil
+
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def _run_in(tmp: Path, task: EvalTask, data_sources: dict[str, str] | None, t0: float,
+            env: dict[str, str], pass_fds: tuple[int, ...],
+            on_progress: ProgressCallback | None, pipes: list[int]) -> EvalOutcome:
+    task_path = Path(tmp, "task.json")
+    result_path = Path(tmp, "result.json")
+    log_path = Path(tmp, "child.log")
+    task_path.write_text(json.dumps({"task": task.model_dump(mode="json"),
+                                     "data_sources": data_sources}), encoding="utf-8")
+    cmd = [sys.executable, "-m", "search.evaluators.runner", "--child", str(task_path),
+           str(result_path)]
+    with open(log_path, "wb") as log:
+        try:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                    env=env, start_new_session=True, pass_fds=pass_fds)
+        except OSError as exc:
+            return EvalOutcome(ok=False, failure=Failure(
+                reason="crashed", message=f"could not start the evaluation: {exc}"),
+                seconds=time.perf_counter() - t0)
+        try:
+            if on_progress is None:
+                returncode = proc.wait(timeout=task.timeout_s)
+            else:
+                for fd in pass_fds:  # the child's ends: EOF once the child is done
+                    os.close(fd)
+                pipes[1] = pipes[2] = -1
+                returncode = _wait_with_progress(proc, task.timeout_s, pipes[0], pipes[3],
+                                                 on_progress)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            return EvalOutcome(ok=False, failure=Failure(
+                reason="timeout",
+                message=f"no result after {task.timeout_s:g} s; the evaluation was killed"),
+                seconds=time.perf_counter() - t0)
+        except BaseException:
+            _kill_group(proc)
+            raise
+        _kill_group(proc)  # anything the child left behind in its group
+    seconds = time.perf_counter() - t0
+    if result_path.is_file():
+        try:
+            outcome = EvalOutcome.model_validate_json(result_path.read_text("utf-8"))
+        except ValueError as exc:
+            return EvalOutcome(ok=False, failure=Failure(
+                reason="crashed", message=f"unreadable result from the evaluation: {exc}"),
+                seconds=seconds)
+        outcome.seconds = seconds
+        outcome.evaluator = EvaluatorInfo(mode="one_shot", fresh=True)
+        return outcome
+    return EvalOutcome(ok=False, failure=exit_failure(returncode, _log_tail(log_path)),
+                       seconds=seconds, evaluator=EvaluatorInfo(mode="one_shot", fresh=True))
 
 
 def evaluate(task: EvalTask, *, isolated: bool = True,

@@ -43,7 +43,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -158,7 +157,7 @@ class WarmEvaluator:
         self.threads_policy = threads
         self.threads: int | None = threads if isinstance(threads, int) else None
         self.prespawn = prespawn
-        self._dir = Path(tempfile.mkdtemp(prefix="fitnas-warm-"))
+        self._dir = runner.make_eval_dir("fitnas-warm-")
         self._child: _Child | None = None
         self._spawned = 0
         self._lock = threading.Lock()
