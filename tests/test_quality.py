@@ -393,7 +393,7 @@ def test_params_and_macs_signals_are_the_adapted_specs_counts():
 
 
 def test_rung_schedule_defaults_and_validation():
-    assert QualitySettings().rung_steps() == [50, 100, 200]
+    assert QualitySettings().rung_steps() == [100, 200]
     assert QualitySettings(steps=120, rungs=[30, 60]).rung_steps() == [30, 60, 120]
     assert QualitySettings(steps=120, rungs=[30, 60, 120]).rung_steps() == [30, 60, 120]
     assert QualitySettings(steps=1).rung_steps() == [1]

@@ -21,7 +21,7 @@ is made so that what a CNN can see matters:
 Shapes are rendered at twice the resolution and averaged down (anti-aliased edges).
 Everything comes from one seeded generator in a fixed order, so the data is a pure
 function of ``(n_per_class, seed)``: the same bytes on every machine; generating the
-default 5,000 images takes about a second on one core. No file is downloaded or shipped.
+default 5,000 images takes about two seconds on one core. No file is downloaded or shipped.
 """
 
 from __future__ import annotations
