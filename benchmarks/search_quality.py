@@ -17,8 +17,9 @@ This script only reads that table (benchmarks/data/compact32_shapes32.jsonl):
    chance, latency ratio 1.1 x the table's largest) against trials, and the number of
    trials each sampler needs to reach random search's median hypervolume at 200 trials
    (each replay runs 300 trials).
-   TPE is also replayed with successive-halving pruning on the recorded rungs, counting
-   the training seconds it spends.
+   TPE is also replayed with successive-halving pruning on the recorded rungs (from the
+   first rung, 30 steps, and from the second, 60 steps), counting the training seconds
+   it spends.
 
     python benchmarks/search_quality.py --quick          # replay the recorded table
     python benchmarks/search_quality.py                  # record what is missing first
@@ -100,8 +101,10 @@ def hypervolume(points: list[tuple[float, float]], ref_ratio: float) -> float:
 
 
 def replay(cands: dict[str, dict[str, Any]], sampler: str, seed: int, trials: int,
-           ref_ratio: float, prune: bool = False) -> dict[str, Any]:
-    """One search over the table; hypervolume after every trial and training seconds."""
+           ref_ratio: float, prune: bool = False, rungs: list[int] | None = None
+           ) -> dict[str, Any]:
+    """One search over the table; hypervolume after every trial and training seconds.
+    ``rungs``: the recorded rungs the pruner sees (default: all of the recipe's)."""
     import optuna
 
     from search.evaluators.types import (
@@ -118,9 +121,10 @@ def replay(cands: dict[str, dict[str, Any]], sampler: str, seed: int, trials: in
         return LatencyStats(median=v, p90=v, iqr=0.0, cv=0.0, n=1, mean=v, min=v, max=v)
 
     measure = MeasureSettings(resolution=32, threads=1, reference=tbl.LATENCY_REFERENCE)
+    recipe = {**tbl.RECIPE, "rungs": rungs or tbl.RECIPE["rungs"]}
     config = SearchConfig(space=tbl.load_space(), trials=trials, sampler=sampler, seed=seed,
                           measure=measure, pruner="successive_halving" if prune else "none",
-                          quality=QualitySettings(data="shapes32", **tbl.RECIPE))
+                          quality=QualitySettings(data="shapes32", **recipe))
     driver = SearchDriver.open(optuna.storages.InMemoryStorage(), "replay", config)
     rungs = config.quality.rung_steps()
     points: list[tuple[float, float]] = []
@@ -218,10 +222,12 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(lines))
 
     runs: dict[str, list[dict[str, Any]]] = {}
-    variants = [("random", False), ("tpe", False), ("nsga2", False), ("tpe", True)]
-    for sampler, prune in variants:
-        name = sampler + ("+sha" if prune else "")
-        runs[name] = [replay(cands, sampler, seed, args.trials, ref_ratio, prune)
+    # successive halving from the first rung (30 steps), and from the second (60)
+    variants = [("random", False, None), ("tpe", False, None), ("nsga2", False, None),
+                ("tpe", True, None), ("tpe", True, [60, 120])]
+    for sampler, prune, rungs in variants:
+        name = sampler + ("" if not prune else f"+sha{(rungs or tbl.RECIPE['rungs'])[0]}")
+        runs[name] = [replay(cands, sampler, seed, args.trials, ref_ratio, prune, rungs)
                       for seed in range(args.seeds)]
         print(f"  replayed {name}: {args.seeds} seeds x {args.trials} trials "
               f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)

@@ -12,8 +12,9 @@ MobileNetV3-Small-0.75, built for 10 classes at 32x32), the recorder stores:
 * ``proxies``: every zero-cost signal and params / MACs, with their CPU seconds;
 * ``shapes32/seed<S>``: the multi-fidelity training recipe (:data:`RECIPE`) on shapes32,
   the validation accuracy at every rung and the seconds to reach it; seed 0 for every
-  network, seed 1 for the first :data:`NOISE_NETWORKS` (the seed-noise ceiling);
-* ``digits/seed<S>``: the same recipe on digits for the first :data:`DIGITS_NETWORKS`.
+  network, seed 1 for :data:`NOISE_NETWORKS` of them spread over the space (the
+  seed-noise ceiling);
+* ``digits/seed<S>``: the same recipe on digits for :data:`DIGITS_NETWORKS` of them.
 
 The file is JSON lines, one measurement per line (``id``, ``what``, figures), appended as
 soon as it is made: recording is resumable (measurements already in the file are
@@ -151,20 +152,23 @@ def accuracy(rows: dict[str, Any], what: str, step: int | None = None) -> float 
 
 def _plan(nets: list[tuple[str, Any, Any]]) -> Iterator[tuple[str, str]]:
     """What to measure, most useful first: the full table (latency, proxies, seed 0 for
-    every network); then a second seed and digits for the first DIGITS_NETWORKS; then the
-    second seed for the rest of the first NOISE_NETWORKS."""
+    every network); then a second seed and digits for every 4th network (32 of them, an
+    even spread over the enumeration order, which varies the width multiplier last);
+    then the second seed for every 4th network from the third (64 in all)."""
     cands = [n for n, _, p in nets if p is not None]
     refs = [n for n, _, p in nets if p is None]
     for net in refs + cands:
         yield net, "latency"
         yield net, "proxies"
         yield net, "shapes32/seed0"
-    for net in refs + cands[:DIGITS_NETWORKS]:
+    spread = cands[::len(cands) // DIGITS_NETWORKS]
+    for net in refs + spread:
         yield net, "shapes32/seed1"
-    for net in cands[:DIGITS_NETWORKS]:
+    for net in spread:
         yield net, "digits/seed0"
         yield net, "digits/seed1"
-    for net in cands[DIGITS_NETWORKS:NOISE_NETWORKS]:
+    step = len(cands) // DIGITS_NETWORKS
+    for net in cands[step // 2::step][: NOISE_NETWORKS - len(spread)]:
         yield net, "shapes32/seed1"
 
 

@@ -8,9 +8,10 @@ worker's own configuration maps that name to a path (``data_sources``, read by
 client can never make a worker read a file of its choosing. ``digits`` is built in:
 scikit-learn's bundled 8x8 hand-written digits (1,797 images, 10 classes), resized with
 bilinear interpolation to the requested resolution. ``shapes32`` is generated here
-(:mod:`search.evaluators.shapes`, seeded, about a second): 5,000 RGB images of 32x32, ten
-shape classes on cluttered backgrounds, on which short-training accuracy depends on the
-architecture far more than on the training seed (docs/quality.md, "shapes32").
+(:mod:`search.evaluators.shapes`, seeded, about two seconds): 5,000 RGB images of
+32x32, ten shape classes on cluttered backgrounds, on which short-training accuracy
+differs between architectures by twice as much as between training seeds and is far
+from saturated (docs/quality.md, "shapes32").
 
 A path is either an ImageFolder directory (one sub-directory per class, images inside,
 read with Pillow) or an ``.npz`` file with arrays ``x`` (``N,H,W``, ``N,H,W,C`` or

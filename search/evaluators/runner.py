@@ -572,8 +572,8 @@ def evaluate(task: EvalTask, *, isolated: bool = True,
     ``on_progress(step, value) -> bool`` is called in this process at every rung of a
     multi-fidelity quality signal (``train``); False stops the evaluation there and the
     outcome's quality has ``pruned=True``. The local search answers with the study's
-    pruner (``SearchDriver.report_rung``); a service worker forwards it as a progress
-    report that also renews its lease.
+    pruner (``SearchDriver.report_rung``); a remote worker can forward each call as a
+    progress report to the service, where the same method answers.
     """
     t0 = time.perf_counter()
     try:

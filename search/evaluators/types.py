@@ -102,8 +102,9 @@ class QualitySettings(_Model):
     rungs: list[int] | None = Field(
         None, max_length=32, description="'train': steps at which the validation accuracy "
         "is reported (an Optuna intermediate value; a pruner may stop the run there); "
-        "increasing, each <= steps, steps itself is always the last. None: steps/4, "
-        "steps/2, steps")
+        "increasing, each <= steps, steps itself is always the last. None: steps/2, "
+        "steps (a rung a quarter of the way ranks networks almost at random: "
+        "docs/quality.md)")
     batch: int = Field(32, ge=1, le=1024)
     resolution: int | None = Field(None, ge=8, le=1024, description="None: 32 for proxies "
                                    "and digits training")
@@ -125,10 +126,7 @@ class QualitySettings(_Model):
 
     def rung_steps(self) -> list[int]:
         """The steps at which 'train' reports (see ``rungs``); the last is ``steps``."""
-        if self.rungs is not None:
-            rungs = list(self.rungs)
-        else:
-            rungs = [max(1, round(self.steps / 4)), max(1, round(self.steps / 2))]
+        rungs = list(self.rungs) if self.rungs is not None else [max(1, round(self.steps / 2))]
         return sorted({*(s for s in rungs if s < self.steps), self.steps})
 
 
