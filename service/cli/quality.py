@@ -9,7 +9,7 @@ import typer
 
 from service.cli.common import fail, load_spec_or_fail, print_json
 
-SIGNALS = ("synflow", "naswot", "grad_norm", "train")
+SIGNALS = ("params", "macs", "synflow", "naswot", "grad_norm", "zico", "meco", "train")
 
 
 def _count(n: int) -> str:

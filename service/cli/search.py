@@ -51,8 +51,10 @@ def search(
     trials: int = typer.Option(30, "--trials",
                                help="finished trials in the study in total (a resumed "
                                     "search does the remainder)"),
-    signal: str = typer.Option("synflow", "--signal",
-                               help="quality signal: synflow, naswot, grad_norm, train, none"),
+    signal: str = typer.Option(
+        "params", "--signal",
+        help="quality signal: params (default: no proxy ranks networks better, see the "
+             "README), macs, synflow, naswot, grad_norm, zico, meco, train, none"),
     data: str = typer.Option("digits", "--data", help="data set for --signal train"),
     storage: str | None = typer.Option(
         None, "--storage", help="SQLAlchemy URL (default sqlite:///OUT/fitnas.db)"),
@@ -204,6 +206,7 @@ def _print_summary(result) -> None:
     console.print(
         f"{c['trials']} trials: {c['measured']} measured, {c['cached']} from the cache, "
         f"{c.get('interrupted', 0)} interrupted (done again on resume), "
+        f"{c.get('pruned', 0)} stopped by the pruner, "
         f"{c['over_budget']} over a params/MACs/memory budget (not measured), "
         f"{c.get('predicted_over_budget', 0)} predicted over the latency budget (not "
         f"measured), {c['failed']} failed; {c['feasible']} feasible; median "

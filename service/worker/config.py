@@ -22,7 +22,11 @@ DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 TOKEN_ENV = "FITNAS_WORKER_TOKEN"
 DATA_SOURCES_ENV = "FITNAS_DATA_SOURCES"
 DATA_SOURCES_FILE_ENV = "FITNAS_DATA_SOURCES_FILE"
-BUILTIN_DATA = ("digits",)
+def builtin_data() -> tuple[str, ...]:
+    """The data sets the evaluators build themselves (no configuration can redefine them)."""
+    from search.evaluators.datasets import BUILTIN
+
+    return tuple(BUILTIN)
 
 
 class WorkerError(Exception):
@@ -41,7 +45,7 @@ def _parse_data_sources(text: str, where: str, base: Path) -> dict[str, str]:
         raise WorkerError(f'{where}: data sources must be a JSON object {{"name": "path"}}')
     out: dict[str, str] = {}
     for name, value in data.items():
-        if name in BUILTIN_DATA:
+        if name in builtin_data():
             raise WorkerError(f"{where}: {name!r} is built in and cannot be redefined")
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
             raise WorkerError(f"{where}: bad data source name {name!r} (letters, digits, _.-)")
