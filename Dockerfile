@@ -22,7 +22,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}" \
  && useradd --create-home --uid 10001 --shell /usr/sbin/nologin fitnas \
- && mkdir -p /var/lib/fitnas/exports \
+ && mkdir -p /var/lib/fitnas/exports /var/lib/fitnas/artifacts \
  && chown -R fitnas:fitnas /var/lib/fitnas
 WORKDIR /opt/fitnas
 COPY pyproject.toml README.md ./

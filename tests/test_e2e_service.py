@@ -91,6 +91,7 @@ class Service:
     def start_dashboard(self) -> None:
         argv = localize(service_command("dashboard"), database_url=self.optuna_url,
                         api_url=self.api_url, api_port=0, dashboard_port=self.dashboard_port)
+        argv = [a.replace(COMPOSE_ARTIFACTS_DIR, str(self.work / "artifacts")) for a in argv]
         self.dashboard = self.stack.start("dashboard", argv, clean_env())
         wait_http(f"{self.dashboard_url}/api/studies", timeout=120, proc=self.dashboard)
 
@@ -122,11 +123,14 @@ def _compose_env(service: str, database_url: str, optuna_url: str, work: Path) -
             v = optuna_url
         elif k == "FITNAS_EXPORT_DIR":
             v = str(work / "exports")
+        elif k == "FITNAS_ARTIFACT_DIR":
+            v = str(work / "artifacts")
         out[k] = v
     return out
 
 
 COMPOSE_TOKENS_DIR = "/var/lib/fitnas/tokens"
+COMPOSE_ARTIFACTS_DIR = "/var/lib/fitnas/artifacts"
 
 
 def start_service(work: Path, database_url: str, optuna_url: str, n_workers: int,
