@@ -99,14 +99,14 @@ def _search_cmd(tmp_path: Path, trials: int) -> list[str]:
 def _states_while_created(url: str, path) -> list[optuna.trial.FrozenTrial]:
     """Poll a storage that the search process may still be creating: opening it races
     the other process's CREATE TABLE (both run Optuna's schema set-up), so a read that
-    loses the race counts as 'nothing yet'."""
+    loses the race (a lock, or a second stamp of its version row) counts as "nothing yet"."""
     import sqlalchemy.exc
 
     if not path.exists():
         return []
     try:
         return _states(url)
-    except sqlalchemy.exc.OperationalError:
+    except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError):
         return []
 
 
