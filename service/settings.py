@@ -6,10 +6,19 @@
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
+from typing import Any
 
 from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from service.secrets import read_secret_file
 
 DEFAULT_DATABASE_URL = "sqlite:///./fitnas.db"
 # Optuna's studies live beside ours. With SQLite they get their own file: one file per
@@ -19,8 +28,35 @@ DEFAULT_DATABASE_URL = "sqlite:///./fitnas.db"
 DEFAULT_OPTUNA_SQLITE_URL = "sqlite:///./fitnas-optuna.db"
 
 
+class FileVariables(PydanticBaseSettingsSource):
+    """``FITNAS_<NAME>_FILE=/run/secrets/x`` sets ``FITNAS_<NAME>`` from the file, so that
+    a password never has to be in the environment or on a command line. A plain
+    ``FITNAS_<NAME>`` wins over its ``_FILE`` form."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        var = f"FITNAS_{field_name.upper()}_FILE"
+        path = os.environ.get(var)
+        if not path:
+            return None, field_name, False
+        return read_secret_file(var, path), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name, info in self.settings_cls.model_fields.items():
+            value, key, _ = self.get_field_value(info, name)
+            if value is not None:
+                out[key] = value
+        return out
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FITNAS_", extra="ignore")
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings,
+                                   dotenv_settings, file_secret_settings):
+        return (init_settings, env_settings, FileVariables(settings_cls), dotenv_settings,
+                file_secret_settings)
 
     # ---- storage ----
     database_url: str = Field(DEFAULT_DATABASE_URL, description="fitnas tables (SQLAlchemy URL)")

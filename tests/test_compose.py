@@ -58,7 +58,7 @@ def test_services_are_wired_as_designed(compose):
     assert "pg_isready" in " ".join(s["postgres"]["healthcheck"]["test"])
     assert s["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
     assert s["migrate"]["restart"] == "no"
-    assert s["migrate"]["command"] == ["fitnas", "db", "upgrade"]
+    assert s["migrate"]["command"][:3] == ["fitnas", "db", "upgrade"]
     # api and dashboard start after the migration completed
     for name in ("api", "dashboard"):
         assert s[name]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
@@ -84,11 +84,22 @@ def test_services_are_wired_as_designed(compose):
     assert "profiles" not in s["worker-cpu"]
     # the dashboard (no auth) is bound to localhost, on the same storage as the API
     assert all(str(p).startswith("127.0.0.1:") for p in s["dashboard"]["ports"])
-    storage = s["dashboard"]["command"][-1]
-    assert storage == s["api"]["environment"]["FITNAS_OPTUNA_STORAGE_URL"]
-    assert storage == s["migrate"]["environment"]["FITNAS_DATABASE_URL"]
-    # the API and migrate see the same settings
-    assert s["api"]["environment"] == s["migrate"]["environment"]
+    # ... on the same database as the API, as the read-only role the migrate step makes
+    from sqlalchemy.engine import make_url
+
+    storage = make_url(s["dashboard"]["environment"]["FITNAS_DASHBOARD_STORAGE_URL"])
+    api_db = make_url(s["api"]["environment"]["FITNAS_OPTUNA_STORAGE_URL"])
+    assert (storage.host, storage.database) == (api_db.host, api_db.database)
+    migrate = s["migrate"]["command"]
+    assert storage.username == migrate[migrate.index("--readonly-role") + 1]
+    assert "FITNAS_READONLY_PASSWORD" in s["migrate"]["environment"]
+    # the API and migrate see the same settings (migrate also the role's password)
+    menv = dict(s["migrate"]["environment"])
+    menv.pop("FITNAS_READONLY_PASSWORD")
+    assert s["api"]["environment"] == menv
+    # no password on any command line
+    for name, svc in s.items():
+        assert not any("@" in str(a) and ":" in str(a) for a in svc.get("command") or []), name
     # every fitnas service says how to build its image (never pulled from a registry)
     for name in FITNAS_IMAGE_SERVICES:
         want = "worker" if name.startswith("worker") else "api"
@@ -223,17 +234,15 @@ def test_every_command_is_in_the_real_help(compose):
             assert opt in proc.stdout, f"{name}: {opt} not in `fitnas {' '.join(words)} --help`"
 
 
-def test_dashboard_command_matches_optuna_dashboard_cli(compose):
+def test_dashboard_command_matches_the_fitnas_cli(compose):
     argv = _commands(compose)["dashboard"]
-    assert argv[0] == "optuna-dashboard"
+    assert argv[:2] == ["fitnas", "dashboard"]
     proc = subprocess.run(
-        exe(["optuna-dashboard", "--help"]), capture_output=True, text=True, timeout=60,
+        exe(["fitnas", "dashboard", "--help"]), capture_output=True, text=True, timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
     for opt in (a for a in argv if a.startswith("--")):
         assert opt in proc.stdout, opt
-    # positional storage URL last, options before it
-    assert re.match(r"^postgresql\+psycopg://", argv[-1])
     port = argv[argv.index("--port") + 1]
     assert port.isdigit() and f":{port}" in compose["services"]["dashboard"]["ports"][0]
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from service_harness import (
     terminate_all,
     wait_http,
 )
+from sqlalchemy.engine import make_url
 from svc_helpers import FAST_MEASURE, job_body
 from test_worker_imports import worker_only_env
 
@@ -54,6 +56,8 @@ class Service:
     client_errors: list[str] = field(default_factory=list)
     dashboard: Proc | None = None
     dashboard_port: int = 0
+    dashboard_storage: str = ""
+    readonly_role: str | None = None
 
     @property
     def headers(self) -> dict[str, str]:
@@ -92,7 +96,11 @@ class Service:
         argv = localize(service_command("dashboard"), database_url=self.optuna_url,
                         api_url=self.api_url, api_port=0, dashboard_port=self.dashboard_port)
         argv = [a.replace(COMPOSE_ARTIFACTS_DIR, str(self.work / "artifacts")) for a in argv]
-        self.dashboard = self.stack.start("dashboard", argv, clean_env())
+        env = {k: v for k, v in service_environment("dashboard").items()
+               if k != "FITNAS_DASHBOARD_STORAGE_URL"}
+        # the compose URL points at the read-only role; here, at this test's database
+        env["FITNAS_DASHBOARD_STORAGE_URL"] = self.dashboard_storage
+        self.dashboard = self.stack.start("dashboard", argv, clean_env(env))
         wait_http(f"{self.dashboard_url}/api/studies", timeout=120, proc=self.dashboard)
 
     def dashboard_trials(self, study_name: str) -> list[dict]:
@@ -144,13 +152,27 @@ def start_service(work: Path, database_url: str, optuna_url: str, n_workers: int
                         api_port=api_port, dashboard_port=dash_port)
 
     server_env = clean_env(_compose_env("api", database_url, optuna_url, work))
-    assert _compose_env("migrate", database_url, optuna_url, work) == \
-        _compose_env("api", database_url, optuna_url, work)
+    migrate_env = _compose_env("migrate", database_url, optuna_url, work)
+    ro_password = migrate_env.pop("FITNAS_READONLY_PASSWORD")
+    assert migrate_env == _compose_env("api", database_url, optuna_url, work)
 
-    # migrate: the one-shot service
+    # migrate: the one-shot service; on PostgreSQL it also makes the dashboard's read-only
+    # role (a name of this test's own: roles are shared by the server's databases)
     migrate = local("migrate")
-    assert migrate == ["fitnas", "db", "upgrade"]
-    proc = run_cli(migrate[1:], server_env, work)
+    assert migrate[:3] == ["fitnas", "db", "upgrade"]
+    role = migrate[migrate.index("--readonly-role") + 1]
+    dashboard_url = optuna_url
+    if database_url.startswith("postgresql"):
+        role = f"{role}_{uuid.uuid4().hex[:8]}"
+        migrate[migrate.index("--readonly-role") + 1] = role
+        dashboard_url = make_url(optuna_url).set(
+            username=role, password=ro_password).render_as_string(hide_password=False)
+    else:  # compose runs PostgreSQL; a SQLite file has no roles
+        i = migrate.index("--readonly-role")
+        del migrate[i:i + 2]
+        role = None
+    proc = run_cli(migrate[1:], {**server_env, "FITNAS_READONLY_PASSWORD": ro_password},
+                   work)
     assert proc.returncode == 0, proc.stderr
     assert "upgraded from empty to" in proc.stdout, proc.stdout
 
@@ -182,7 +204,8 @@ def start_service(work: Path, database_url: str, optuna_url: str, n_workers: int
     assert token_file.stat().st_mode & 0o077 == 0
 
     svc = Service(work, stack, api_url, f"http://127.0.0.1:{dash_port}", database_url,
-                  optuna_url, key, token, dashboard_port=dash_port)
+                  optuna_url, key, token, dashboard_port=dash_port,
+                  dashboard_storage=dashboard_url, readonly_role=role)
     api = stack.start("api", local("api"), server_env)
     wait_http(f"{api_url}/readyz", timeout=120, proc=api)
 
@@ -263,6 +286,17 @@ def stop(svc: Service) -> dict[str, int | None]:
     """Stop the workers (exit codes returned) as compose does (SIGTERM), then the rest."""
     codes = terminate_all(svc.workers)
     svc.stack.stop_all()
+    if svc.readonly_role:  # this test's own role: privileges first, then the role
+        from sqlalchemy import create_engine, pool, text
+
+        engine = create_engine(svc.database_url, poolclass=pool.NullPool,
+                               isolation_level="AUTOCOMMIT")
+        try:
+            with engine.connect() as conn:
+                conn.execute(text(f'DROP OWNED BY "{svc.readonly_role}"'))
+                conn.execute(text(f'DROP ROLE IF EXISTS "{svc.readonly_role}"'))
+        finally:
+            engine.dispose()
     return codes
 
 

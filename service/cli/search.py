@@ -281,14 +281,19 @@ def dashboard(
     host: str = typer.Option("127.0.0.1", "--host",
                              help="bind address (the dashboard has no authentication)"),
     port: int = typer.Option(8080, "--port", help="port"),
+    artifact_dir: str | None = typer.Option(
+        None, "--artifact-dir",
+        help="artifacts to serve (default: the artifacts folder beside a SQLite storage; "
+             "the service's FITNAS_ARTIFACT_DIR)"),
 ) -> None:
     """Open optuna-dashboard on a search storage (every trial, its constraints and cost
     figures as user attributes). It has no authentication: keep it on localhost or behind
-    a proxy."""
-    from search.study import SearchError, make_storage
+    a proxy. The storage may also come from FITNAS_DASHBOARD_STORAGE_URL or
+    FITNAS_DASHBOARD_STORAGE_URL_FILE, so that no password is on a command line."""
+    from search.study import SearchError, make_storage, redact_url
     from service.cli.common import check_storage_or_fail
 
-    url = storage or _default_storage(DEFAULT_OUT)
+    url = storage or _storage_from_environment() or _default_storage(DEFAULT_OUT)
     check_storage_or_fail(url, must_exist=True)
     if host not in ("127.0.0.1", "localhost", "::1"):
         typer.echo(f"warning: optuna-dashboard has no authentication; on {host} anyone who "
@@ -303,16 +308,32 @@ def dashboard(
 
     from search.review import artifact_dir_for
 
-    artifacts = artifact_dir_for(url)
+    artifacts = Path(artifact_dir) if artifact_dir else artifact_dir_for(url)
     store = FileSystemArtifactStore(str(artifacts)) if artifacts and artifacts.is_dir() \
         else None
 
-    typer.echo(f"optuna-dashboard on http://{host}:{port}/ for {url}", err=True)
+    typer.echo(f"optuna-dashboard on http://{host}:{port}/ for {redact_url(url)}", err=True)
     sys.stderr.flush()
     try:
         run_server(rdb, host=host, port=port, artifact_store=store)
     except OSError as exc:
         fail(f"cannot serve on {host}:{port}: {exc}")
+
+
+def _storage_from_environment() -> str | None:
+    import os
+
+    from service.secrets import read_secret_file
+
+    if os.environ.get("FITNAS_DASHBOARD_STORAGE_URL"):
+        return os.environ["FITNAS_DASHBOARD_STORAGE_URL"]
+    path = os.environ.get("FITNAS_DASHBOARD_STORAGE_URL_FILE")
+    if not path:
+        return None
+    try:
+        return read_secret_file("FITNAS_DASHBOARD_STORAGE_URL_FILE", path)
+    except ValueError as exc:
+        fail(str(exc))
 
 
 def register(app: typer.Typer) -> None:

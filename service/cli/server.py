@@ -44,6 +44,8 @@ def _settings(database_url: str | None = None):
         loc = ".".join(str(p) for p in err["loc"])
         msg = str(err["msg"]).removeprefix("Value error, ")
         fail(f"FITNAS_{loc.upper()}: {msg}" if loc else msg)
+    except ValueError as exc:  # a FITNAS_*_FILE that cannot be read
+        fail(str(exc))
 
 
 def _redact(url: str) -> str:
@@ -153,16 +155,97 @@ def serve(
 
 
 @db_app.command("upgrade")
-def db_upgrade(database_url: str = _DB_URL) -> None:
-    """Create or upgrade the fitnas tables to this version's schema."""
+def db_upgrade(
+    database_url: str = _DB_URL,
+    readonly_role: str | None = typer.Option(
+        None, "--readonly-role", envvar="FITNAS_READONLY_ROLE",
+        help="PostgreSQL: also create (or update) this login role with SELECT on every "
+             "table, for optuna-dashboard; its password from FITNAS_READONLY_PASSWORD or "
+             "FITNAS_READONLY_PASSWORD_FILE"),
+) -> None:
+    """Create or upgrade the fitnas tables to this version's schema, and Optuna's."""
     settings = _settings(database_url)
     current, head = _schema_state(settings.database_url)
     if current == head:
         typer.echo(f"database {_redact(settings.database_url)} already at {head}")
-        return
-    _upgrade(settings.database_url)
-    typer.echo(f"database {_redact(settings.database_url)} upgraded from "
-               f"{current or 'empty'} to {head}")
+    else:
+        _upgrade(settings.database_url)
+        typer.echo(f"database {_redact(settings.database_url)} upgraded from "
+                   f"{current or 'empty'} to {head}")
+    _optuna_schema(settings.optuna_url)
+    if readonly_role:
+        for url in dict.fromkeys([settings.database_url, settings.optuna_url]):
+            _grant_readonly(url, readonly_role)
+        typer.echo(f"read-only role {readonly_role!r} can read the fitnas and Optuna tables")
+
+
+def _optuna_schema(url: str) -> None:
+    """Optuna's tables, made here once, so that processes starting together (API
+    replicas, the dashboard) never race to create them, and a read-only dashboard finds
+    them."""
+    from search.study import SearchError, make_storage
+
+    try:
+        storage = make_storage(url)
+    except SearchError as exc:
+        fail(str(exc))
+    storage.engine.dispose()
+
+
+def _readonly_password() -> str:
+    from service.secrets import read_secret_file
+
+    if os.environ.get("FITNAS_READONLY_PASSWORD"):
+        return os.environ["FITNAS_READONLY_PASSWORD"]
+    path = os.environ.get("FITNAS_READONLY_PASSWORD_FILE")
+    if path:
+        try:
+            return read_secret_file("FITNAS_READONLY_PASSWORD_FILE", path)
+        except ValueError as exc:
+            fail(str(exc))
+    fail("--readonly-role needs a password: FITNAS_READONLY_PASSWORD or "
+         "FITNAS_READONLY_PASSWORD_FILE")
+
+
+def _grant_readonly(url: str, role: str) -> None:
+    """A login role that can read every table of the database's public schema, now and
+    later (default privileges of the migrating user), and write none."""
+    import re
+
+    from sqlalchemy import create_engine
+
+    if not url.startswith("postgresql"):
+        fail(f"--readonly-role needs PostgreSQL (the database is {_redact(url)})")
+    if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", role):
+        fail(f"--readonly-role {role!r}: lower-case letters, digits and _ only")
+    password = _readonly_password()
+    from psycopg import sql
+
+    engine = create_engine(url)
+    try:
+        raw = engine.raw_connection()
+        try:
+            cur = raw.cursor()
+            cur.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,))
+            verb = "ALTER" if cur.fetchone() else "CREATE"
+            r = sql.Identifier(role)
+            cur.execute(sql.SQL(verb + " ROLE {} WITH LOGIN NOSUPERUSER NOCREATEDB "
+                                "NOCREATEROLE PASSWORD {}").format(r, sql.Literal(password)))
+            cur.execute("SELECT current_database()")
+            db = cur.fetchone()[0]
+            for stmt in ("GRANT CONNECT ON DATABASE {db} TO {r}",
+                         "GRANT USAGE ON SCHEMA public TO {r}",
+                         "GRANT SELECT ON ALL TABLES IN SCHEMA public TO {r}",
+                         "ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT SELECT ON TABLES "
+                         "TO {r}"):
+                cur.execute(sql.SQL(stmt).format(db=sql.Identifier(db), r=r))
+            raw.commit()
+        finally:
+            raw.close()
+    except Exception as exc:
+        fail(f"read-only role {role!r} on {_redact(url)}: {_first_line(exc)}")
+    finally:
+        engine.dispose()
 
 
 @db_app.command("current")
