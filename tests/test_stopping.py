@@ -135,7 +135,9 @@ def test_budget_aware_measurement_records_how_it_stopped():
     lo, hi = stop.intervals["ratio"]
     assert lo <= r.ratio_to_reference.median <= hi
     if stop.reason == "below_budget":
-        assert hi < 100.0 * (1 - budget.margin) and stop.rounds == 9
+        # clear of the budget at the look it stopped (the first, or the next one when
+        # the precision condition was not met yet)
+        assert hi < 100.0 * (1 - budget.margin)
     # without a budget, the fixed protocol
     fixed = measure_latency(load_spec("preset:mobilenet_v2@0.25"), settings)
     assert fixed.stopping is None and fixed.ratio_to_reference.n % settings.rounds == 0
