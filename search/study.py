@@ -382,6 +382,18 @@ def sqlite_path(url: str) -> str | None:
     return path
 
 
+_SCHEMA_RACE_TRIES = 5
+
+
+def _lost_schema_race(exc: BaseException) -> bool:
+    """Two processes opening a new storage at once (a search and its dashboard, two API
+    replicas) both run Optuna's schema set-up; the one that loses sees a table that
+    "already exists" or a duplicate version stamp. Opening again then just works."""
+    text = str(exc).lower()
+    return "already exists" in text or ("unique" in text and "alembic_version" in text) \
+        or "duplicate key" in text
+
+
 def make_storage(url: str) -> optuna.storages.RDBStorage:
     """An Optuna RDB storage for any SQLAlchemy URL. SQLite files get their folder
     created and write-ahead logging, so a dashboard reading the file does not block the
@@ -397,11 +409,16 @@ def make_storage(url: str) -> optuna.storages.RDBStorage:
             con.execute("PRAGMA journal_mode=WAL")
         finally:
             con.close()
-    try:
-        storage = optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url))
-    except Exception as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SearchError(f"cannot open storage {redact_url(url)}: {msg}") from exc
+    for attempt in range(_SCHEMA_RACE_TRIES):
+        try:
+            storage = optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url))
+            break
+        except Exception as exc:
+            if attempt + 1 < _SCHEMA_RACE_TRIES and _lost_schema_race(exc):
+                time.sleep(0.2 * (attempt + 1))  # the other process finishes its set-up
+                continue
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise SearchError(f"cannot open storage {redact_url(url)}: {msg}") from exc
     if path is not None:
         tune_sqlite(storage.engine)
     return storage

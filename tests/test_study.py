@@ -437,3 +437,34 @@ def test_fields_at_their_defaults_keep_an_older_studys_hash():
     identity = config.identity()
     assert not {"seed_specs", "warm_start", "predictor"} & set(identity)
     assert tiny_config(warm_start=False).config_hash() != config.config_hash()
+
+
+def test_opening_a_storage_another_process_is_creating_retries(tmp_path, monkeypatch):
+    """A search and its dashboard opening a new storage at once both run Optuna's schema
+    set-up; the loser ('table ... already exists') opens again instead of failing."""
+    import sqlalchemy.exc
+
+    real = optuna.storages.RDBStorage
+    calls = []
+
+    def racing(url, **kw):
+        calls.append(url)
+        if len(calls) == 1:
+            raise sqlalchemy.exc.OperationalError(
+                "CREATE TABLE study_directions", {}, Exception(
+                    "table study_directions already exists"))
+        return real(url, **kw)
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", racing)
+    storage = make_storage(f"sqlite:///{tmp_path}/new.db")
+    assert len(calls) == 2 and storage.get_all_studies() == []
+    calls.clear()
+
+    def broken(url, **kw):
+        calls.append(url)
+        raise sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception("disk I/O error"))
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", broken)
+    with pytest.raises(SearchError, match="disk I/O error"):
+        make_storage(f"sqlite:///{tmp_path}/other.db")
+    assert len(calls) == 1  # a real error is not retried
