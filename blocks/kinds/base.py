@@ -57,6 +57,12 @@ def keeps_shape(block: Any, ins: tuple[int, ...]) -> list[bool]:
             for s, cin in zip(strides(block, ins), ins, strict=True)]
 
 
+def takes_shortcut(block: Any, cin: int, cout: int) -> bool:
+    """For a block whose shortcut is skipped where it does not fit (``ds``, ``mbconv``):
+    an identity where stride is 1 and widths match, a projection wherever one is asked."""
+    return bool(block.residual and (block.projection or (block.stride == 1 and cin == cout)))
+
+
 def canonical_projection(block: Any, ins: tuple[int, ...]) -> dict[str, Any]:
     """``projection`` does nothing without a residual, or when every repeat keeps its
     shape (the identity serves)."""

@@ -5,7 +5,12 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from blocks.fields import BlockSpec, Dilation, SESpec, canonical_se
-from blocks.kinds.base import BlockKind, canonical_residual, one_by_one_dilation
+from blocks.kinds.base import (
+    BlockKind,
+    canonical_residual,
+    one_by_one_dilation,
+    takes_shortcut,
+)
 from blocks.layers import DepthwiseSeparable
 from blocks.recipe import NORM, Act, call, se_call
 
@@ -37,7 +42,7 @@ def cost(g, b: DepthwiseSeparableBlock, cin: int, cout: int, x: int) -> int:
     if b.se is not None:
         y = g.se(y, b.se, cin, cin)
     y = g.conv(y, cout)
-    if b.residual and (b.projection or (b.stride == 1 and cin == cout)):
+    if takes_shortcut(b, cin, cout):
         return g.merge((y, g.shortcut(x, cout, b.stride, b.projection)))
     return y
 

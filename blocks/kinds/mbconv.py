@@ -8,7 +8,12 @@ from pydantic import Field
 
 from blocks.errors import SpecError
 from blocks.fields import BlockSpec, Channels, Dilation, SESpec, canonical_se
-from blocks.kinds.base import BlockKind, canonical_residual, one_by_one_dilation
+from blocks.kinds.base import (
+    BlockKind,
+    canonical_residual,
+    one_by_one_dilation,
+    takes_shortcut,
+)
 from blocks.layers import InvertedResidual
 from blocks.recipe import NORM, Act, call, se_call
 
@@ -61,7 +66,7 @@ def cost(g, b: MBConvBlock, cin: int, cout: int, x: int) -> int:
     if b.se is not None:
         y = g.se(y, b.se, cin, mid)
     y = g.conv(y, cout)
-    if b.residual and (b.projection or (b.stride == 1 and cin == cout)):
+    if takes_shortcut(b, cin, cout):
         return g.merge((y, g.shortcut(x, cout, b.stride, b.projection)))
     return y
 
