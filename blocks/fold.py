@@ -56,13 +56,15 @@ def _fold_sequential(seq: nn.Sequential) -> int:
     return count
 
 
-def fold_batchnorm(model: nn.Module) -> nn.Module:
+def fold_batchnorm(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Return a copy of ``model`` in eval mode with every BatchNorm that directly follows a
-    convolution in a ``nn.Sequential`` folded into it (the original is left untouched).
+    convolution in a ``nn.Sequential`` folded into it (the original is left untouched);
+    ``inplace=True`` folds ``model`` itself and returns it (no copy: for a model built
+    only to be folded).
 
     Raises ``ValueError`` if a BatchNorm is left that could not be folded, so a folded
     model never silently keeps a norm layer."""
-    folded = copy.deepcopy(model).eval()
+    folded = (model if inplace else copy.deepcopy(model)).eval()
     for module in list(folded.modules()):
         if isinstance(module, nn.Sequential):
             _fold_sequential(module)

@@ -67,6 +67,32 @@ def test_sample_load_fields():
     assert len(s["loadavg"]) == 3
 
 
+def test_a_zero_second_sample_is_a_snapshot_without_sleeping():
+    import time
+
+    t0 = time.perf_counter()
+    s = fp.sample_load(0)
+    assert time.perf_counter() - t0 < 0.05
+    assert s["other_cores"] is None and s["seconds"] == 0.0
+    assert s["procs_running"] >= 1
+    # nothing in it to resolve cores from: the load average decides
+    assert 1 <= fp.free_cores(s, cores=2) <= 2
+
+
+def test_budget_aware_measurement_with_given_threads_does_not_sleep_for_load():
+    from search.evaluators.latency import (
+        LOAD_SAMPLE_BUDGET_S,
+        LOAD_SAMPLE_S,
+        load_sample_seconds,
+    )
+    from search.evaluators.types import LatencyBudget, MeasureSettings
+
+    budget = LatencyBudget(ratio=1.0)
+    assert load_sample_seconds(MeasureSettings(threads=1), None) == LOAD_SAMPLE_S
+    assert load_sample_seconds(MeasureSettings(threads=None), budget) == LOAD_SAMPLE_BUDGET_S
+    assert load_sample_seconds(MeasureSettings(threads=1), budget) == 0.0
+
+
 @pytest.mark.parametrize(
     "other, cores, free",
     [(0.0, 2, 2), (0.3, 2, 2), (0.6, 2, 1), (1.0, 2, 1), (1.9, 2, 1), (5.0, 2, 1),

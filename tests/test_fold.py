@@ -58,6 +58,21 @@ def test_folded_presets_match(name):
         torch.testing.assert_close(folded(x), model.eval()(x), rtol=1e-4, atol=1e-5)
 
 
+def test_inplace_fold_is_the_same_model_with_the_same_outputs():
+    spec = preset("mobilenet_v2", 0.35, resolution=32)
+    model = _randomize_norms(build_model(spec)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    copied = fold_batchnorm(model)
+    folded = fold_batchnorm(model, inplace=True)
+    assert folded is model and copied is not model
+    assert _count(model, nn.BatchNorm2d) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(copied(x), expected, rtol=1e-4, atol=1e-5)
+
+
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(spec=arch_specs())
 def test_folded_random_specs_match_and_lose_exactly_the_norm_parameters(spec):

@@ -89,6 +89,23 @@ def test_clear_candidates_stop_at_the_first_look(name):
         == "below_budget"
 
 
+def test_precision_is_judged_on_the_reported_interval():
+    """Nine rounds whose extremes are wide but whose reported 95 % interval (x_(2), x_(8))
+    is within the precision: the decision interval (x_(1), x_(9)) is clear of the budget,
+    so the first look stops; one more wide pair inside the reported order statistics and
+    it does not."""
+    rounds = [0.70, 0.80, 0.81, 0.815, 0.82, 0.825, 0.83, 0.84, 0.90]
+    stop = simulate(rounds, BUDGET, max_rounds=84)
+    assert (stop.reason, stop.rounds) == ("below_budget", 9)
+    assert stop.intervals["ratio"] == (0.70, 0.90)  # the decision interval it judged
+    reported = median_interval(rounds, 1 - BUDGET.confidence)
+    assert reported == (0.80, 0.84)
+    assert (reported[1] - reported[0]) / 2 <= BUDGET.precision * median(rounds)
+    assert BUDGET.precision * median(rounds) < (0.90 - 0.70) / 2  # the old rule went on
+    wide = [0.70, 0.74, 0.81, 0.815, 0.82, 0.825, 0.83, 0.88, 0.90]
+    assert simulate(wide, BUDGET, max_rounds=84).reason == "max_rounds"
+
+
 @pytest.mark.parametrize("name", sorted(RECORDED))
 def test_too_wide_never_stops_early(name):
     """The contended recording as it is: its interval is wider than the precision, so

@@ -257,10 +257,16 @@ class LoadWindow:
 
 
 def sample_load(seconds: float = 0.25) -> dict[str, Any]:
-    """Sample what other processes use over ``seconds`` (this process idles meanwhile)."""
-    window = LoadWindow().start()
-    time.sleep(seconds)
-    sample = window.stop()
+    """Sample what other processes use over ``seconds`` (this process idles meanwhile).
+    ``seconds <= 0``: no window, a snapshot of the run queue and the load average only
+    (``other_cores`` None)."""
+    if seconds <= 0:
+        sample: dict[str, Any] = {"seconds": 0.0, "own_cores": None, "busy_cores": None,
+                                  "other_cores": None, "steal_cores": None}
+    else:
+        window = LoadWindow().start()
+        time.sleep(seconds)
+        sample = window.stop()
     sample["procs_running"] = procs_running()
     la = loadavg()
     sample["loadavg"] = [round(v, 2) for v in la] if la else None

@@ -134,10 +134,7 @@ def build_folded(spec: ArchSpec):
     from blocks.fold import fold_batchnorm
 
     torch.manual_seed(0)
-    model = build_model(spec).eval()
-    folded = fold_batchnorm(model).eval()
-    del model
-    return folded
+    return fold_batchnorm(build_model(spec), inplace=True)
 
 
 def prepare(spec: ArchSpec, settings: MeasureSettings, resolution: int, threads: int,
@@ -438,6 +435,17 @@ def _prepare_reference(ref_spec: ArchSpec, settings: MeasureSettings, resolution
     return ref, False
 
 
+def load_sample_seconds(settings: MeasureSettings, budget: LatencyBudget | None) -> float:
+    """How long to sample the machine's load before and after the timed rounds. The fixed
+    protocol: 0.25 s. Budget-aware with a thread count to resolve: 0.1 s. Budget-aware
+    with the thread count given: none (a snapshot of the run queue): nothing is chosen from
+    the sample, and the window over the timed rounds themselves (``load.during``) is what
+    says whether other processes took cores this measurement needed."""
+    if budget is None:
+        return LOAD_SAMPLE_S
+    return 0.0 if settings.threads is not None else LOAD_SAMPLE_BUDGET_S
+
+
 def measure_latency(spec: ArchSpec, settings: MeasureSettings,
                     budget: LatencyBudget | None = None) -> LatencyResult:
     """Measure ``spec`` under ``settings`` in this process (see the module docstring);
@@ -467,12 +475,13 @@ def measure_latency(spec: ArchSpec, settings: MeasureSettings,
         budget = None
 
     allocator.apply()
-    load_s = LOAD_SAMPLE_S if budget is None else LOAD_SAMPLE_BUDGET_S
+    load_s = load_sample_seconds(settings, budget)
     clock = time.perf_counter()
     before = fp.sample_load(load_s)
     threads, notes = resolve_threads(settings, before)
     free = fp.free_cores(before)
-    warm_s = max(0.05, settings.min_run_time_s if budget is None else 2 * budget.round_s)
+    # budget-aware: one short round of warm-up (the timed rounds that follow are short too)
+    warm_s = max(0.05, settings.min_run_time_s if budget is None else budget.round_s)
     stop: StopInfo | None = None
     ref_reused = False
 

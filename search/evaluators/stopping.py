@@ -7,16 +7,21 @@ MLPerf LoadGen's early stopping: rounds are short; at a few *looks* (after
 computed (:func:`search.evaluators.stats.median_interval`). The measurement stops when,
 for the budgets given,
 
-- the interval is narrow enough: half-width <= ``precision`` x median, and
-- it lies entirely below ``budget x (1 - margin)`` (every budget: ``below_budget``) or
-  entirely above ``budget x (1 + margin)`` (any budget: ``above_budget``).
+- the *decision* interval lies entirely below ``budget x (1 - margin)`` (every budget:
+  ``below_budget``) or entirely above ``budget x (1 + margin)`` (any budget:
+  ``above_budget``), and
+- the *reported* interval (the ``confidence`` interval of the median that the result
+  carries, :func:`search.evaluators.latency.round_intervals`) is narrow enough:
+  half-width <= ``precision`` x median.
 
-Each look uses ``alpha = (1 - confidence) / looks``: a Bonferroni split over all the
-looks a measurement may take, so the chance that *any* look's interval misses the true
-median is at most ``1 - confidence``. A candidate whose true median lies within the
-margin of the budget can only be stopped early by an interval that misses its median,
-so that happens with probability below ``1 - confidence`` (in practice far below: the
-interval must also miss by the margin).
+The decision interval uses ``alpha = (1 - confidence) / looks``: a Bonferroni split over
+all the looks a measurement may take, so the chance that *any* look's interval misses the
+true median is at most ``1 - confidence``. The precision condition is about what the user
+reads, so it is judged on the figure the user reads; it decides nothing about the budget.
+A candidate whose true median lies within the margin of the budget can only be stopped
+early by a decision interval that misses its median, so that happens with probability
+below ``1 - confidence`` (in practice far below: the interval must also miss by the
+margin).
 
 Pure Python; no torch.
 """
@@ -75,11 +80,12 @@ class StoppingRule:
         for name, limit in self.limits().items():
             values = series.get(name) or []
             interval = median_interval(values, self.alpha)
-            if interval is None:
+            reported = median_interval(values, 1.0 - b.confidence)
+            if interval is None or reported is None:
                 return None
             self.intervals[name] = interval
             lo, hi = interval
-            if (hi - lo) / 2 > b.precision * abs(median(values)):
+            if (reported[1] - reported[0]) / 2 > b.precision * abs(median(values)):
                 verdicts.append(None)
             elif hi < limit * (1 - b.margin):
                 verdicts.append("below_budget")
