@@ -468,3 +468,49 @@ def test_opening_a_storage_another_process_is_creating_retries(tmp_path, monkeyp
     with pytest.raises(SearchError, match="disk I/O error"):
         make_storage(f"sqlite:///{tmp_path}/other.db")
     assert len(calls) == 1  # a real error is not retried
+
+
+def test_the_sampler_reads_the_trials_once_per_ask_and_proposes_the_same(tmp_path,
+                                                                        monkeypatch):
+    """TPE (grouped, constant liar) re-reads the study for each group of parameters; the
+    snapshot answers those reads from one query per ask, with the same proposals, also
+    with trials in flight."""
+    import contextlib
+    import random
+
+    import search.study as study_mod
+
+    def run(name: str) -> tuple[list[str], int]:
+        url = f"sqlite:///{tmp_path}/{name}.db"
+        config = SearchConfig(space="default", trials=16, seed=0,
+                              budgets=Budgets(max_latency_ratio=1.0))
+        driver = SearchDriver.open(url, "s", config, None)
+        storage = driver.study._storage
+        reads = {"n": 0}
+        real = storage.get_all_trials
+
+        def counted(*a, **k):
+            reads["n"] += 1
+            return real(*a, **k)
+
+        monkeypatch.setattr(storage, "get_all_trials", counted)
+        rng = random.Random(0)
+        hashes, pending, last_reads = [], [], 0
+        for _ in range(16):
+            reads["n"] = 0
+            p = driver.ask()
+            last_reads = reads["n"]
+            hashes.append(p.spec.hash)
+            if p.task is not None:
+                pending.append(p)
+            if len(pending) >= 2:
+                q = pending.pop(0)
+                driver.tell(q.trial_number, outcome_for(q, config, 5.0, rng.uniform(1, 50),
+                                                        ratio=rng.uniform(0.3, 1.2)))
+        return hashes, last_reads
+
+    with_snapshot, reads_with = run("a")
+    monkeypatch.setattr(study_mod, "trials_snapshot", lambda study: contextlib.nullcontext())
+    without, reads_without = run("b")
+    assert with_snapshot == without
+    assert reads_with <= 3 < 10 <= reads_without
