@@ -8,7 +8,14 @@ run interleaved candidate by candidate:
 
 - ``one_shot``: a fresh child per candidate, fixed protocol (7 rounds, remeasure);
 - ``warm``: the warm evaluator, fixed protocol;
-- ``warm_budget``: the warm evaluator, rounds until the decision is clear.
+- ``warm_budget``: the warm evaluator, rounds until the decision is clear;
+- ``warm_screen``: as ``warm_budget``, with the latency predictor pre-screening: it
+  starts from the measurements recorded by ``benchmarks/predictor_record.py`` (the
+  same target: one thread, 224, the default reference) and goes on learning from the
+  run's own; a candidate predicted over the budget is decided without measuring (a
+  share is measured anyway, as in a search). Screened candidates count as decided, at
+  their ask time; whether the one-shot mode measured them over the budget too is
+  reported (``screened_over_per_one_shot``).
 
 Per decided (measured) candidate: seconds in all and the breakdown: start-up (child
 start, imports, pipe; what the child's own phases do not account for), build (and the
@@ -40,12 +47,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _p in (ROOT, ROOT / "benchmarks"):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
 
 from search.evaluators.stats import median  # noqa: E402
 
-MODES = ("one_shot", "warm", "warm_budget")
+MODES = ("one_shot", "warm", "warm_budget", "warm_screen")
 PHASES = ("startup", "build", "warm_up", "timed", "load_sampling", "quality", "optuna_db")
 
 DEPLOY_CHILD = r"""
@@ -88,17 +96,46 @@ def _breakdown(outcome, eval_s: float, optuna_s: float) -> dict[str, float]:
             "optuna_db": optuna_s}
 
 
+def _seeded_predictor(url: str, config, table: Path):
+    """A predictor store holding the recorded measurements of ``table`` for the
+    config's target (those recorded with the same settings)."""
+    from predictor_record import SETTINGS, read_records
+
+    from blocks import parse_spec
+    from search.predictor import PredictorStore, spec_features, target_key
+
+    store = PredictorStore(url)
+    key = target_key(config.target, config.measure)
+    n = 0
+    for r in read_records(table):
+        if r.get("settings", {}).get("threads") != SETTINGS["threads"] or not r.get("ratio"):
+            continue
+        spec = parse_spec(r["spec"])
+        store.add(key, config.target, spec.hash, spec_features(spec), r["ratio"], r["ms"])
+        n += 1
+    return store, n
+
+
 def throughput(args: argparse.Namespace) -> dict:
+    from predictor_record import DEFAULT_OUT
+
     from search.evaluators.runner import evaluate
     from search.evaluators.warm import WarmEvaluator
     from search.study import SearchDriver
 
     config = _config(args.trials, args.seed)
     tmp = Path(tempfile.mkdtemp(prefix="fitnas-throughput-"))
-    warm_fixed, warm_budget = WarmEvaluator(), WarmEvaluator()
-    evaluators = {"one_shot": evaluate, "warm": warm_fixed, "warm_budget": warm_budget}
-    drivers = {m: SearchDriver.open(f"sqlite:///{tmp}/{m}.db", f"throughput-{m}", config)
-               for m in MODES}
+    warm_fixed, warm_budget, warm_screen = WarmEvaluator(), WarmEvaluator(), WarmEvaluator()
+    evaluators = {"one_shot": evaluate, "warm": warm_fixed, "warm_budget": warm_budget,
+                  "warm_screen": warm_screen}
+    store, seeded = _seeded_predictor(f"sqlite:///{tmp}/predictor.db",
+                                      config.model_copy(update={"predictor": True}),
+                                      args.predictor_data or DEFAULT_OUT)
+    print(f"warm_screen: the predictor starts from {seeded} recorded measurements")
+    drivers = {m: SearchDriver.open(
+        f"sqlite:///{tmp}/{m}.db", f"throughput-{m}",
+        config.model_copy(update={"predictor": m == "warm_screen"}),
+        predictor=store if m == "warm_screen" else None) for m in MODES}
     rows: dict[str, list[dict]] = {m: [] for m in MODES}
     wall = {m: 0.0 for m in MODES}
     try:
@@ -110,9 +147,15 @@ def throughput(args: argparse.Namespace) -> dict:
                 t_ask = time.perf_counter() - t0
                 if p.task is None:
                     wall[mode] += t_ask
+                    if p.reason == "predicted_over_budget":
+                        rows[mode].append({"i": i, "ok": True, "total": t_ask,
+                                           "screened": True, **dict.fromkeys(PHASES, 0.0),
+                                           "optuna_db": t_ask})
+                        print(f"  #{i:<3} {mode:<12} {t_ask:6.2f} s  predicted over the "
+                              "budget, not measured", flush=True)
                     continue
-                task = p.task if mode == "warm_budget" else p.task.model_copy(
-                    update={"budget": None})
+                task = p.task if mode in ("warm_budget", "warm_screen") else \
+                    p.task.model_copy(update={"budget": None})
                 t1 = time.perf_counter()
                 out = evaluators[mode](task)
                 eval_s = time.perf_counter() - t1
@@ -143,6 +186,8 @@ def throughput(args: argparse.Namespace) -> dict:
     finally:
         warm_fixed.close()
         warm_budget.close()
+        warm_screen.close()
+        store.close()
 
     summary = {}
     print()
@@ -167,7 +212,12 @@ def throughput(args: argparse.Namespace) -> dict:
                          if same else None,
                          "stops": {s: sum(1 for r in rs if r.get("stop") == s)
                                    for s in ("below_budget", "above_budget", "max_rounds")}
-                         if mode == "warm_budget" else None}
+                         if mode in ("warm_budget", "warm_screen") else None}
+        if mode == "warm_screen":
+            screened = [r["i"] for r in rs if r.get("screened")]
+            over = {r["i"] for r in rows["one_shot"] if r.get("feasible") is False}
+            summary[mode]["screened"] = len(screened)
+            summary[mode]["screened_over_per_one_shot"] = sum(i in over for i in screened)
         print(f"{mode:<12} {len(rs):>3} {med:>8.2f} {per_min:>8.1f} " + " ".join(
             f"{phases[p]:>9.3f}" for p in PHASES)
             + f" {summary[mode]['median_ratio_halfwidth'] or 0:>9.4f} "
@@ -214,6 +264,9 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=12)
     ap.add_argument("--seed", type=int, default=3)
     ap.add_argument("--deploy-procs", type=int, default=3, help="0: skip part 2")
+    ap.add_argument("--predictor-data", type=Path, default=None,
+                    help="recorded measurements the warm_screen predictor starts from "
+                         "(default: benchmarks/data/predictor_cpu.jsonl)")
     ap.add_argument("--deploy-seconds", type=float, default=1.0)
     args = ap.parse_args()
     from search.evaluators import fingerprint as fp
