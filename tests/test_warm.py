@@ -149,7 +149,9 @@ def test_warm_child_dies_with_its_parent(tmp_path):
 def test_warm_and_one_shot_agree_within_their_spread():
     """The same specs, fixed protocol, measured by fresh one-shot children and by one
     warm child (the second spec on a used child, the reference kept from the first):
-    the ratios' medians differ by less than the two measurements' spreads (IQR)."""
+    the ratios' medians differ by less than the two measurements' spreads (IQR), or by
+    less than 5 % where five rounds give an IQR narrower than the ratio's variation between
+    processes (1.3 % mean, 2.1 % worst CV on a quiet machine: README, "Repeatability")."""
     settings = MeasureSettings(resolution=64, min_run_time_s=0.05, rounds=5, threads=1,
                                reference="preset:mobilenet_v2@0.35", max_cv=1.0)
     specs = ["preset:mobilenet_v2@0.25", "preset:mobilenet_v3_small@0.5"]
@@ -163,7 +165,7 @@ def test_warm_and_one_shot_agree_within_their_spread():
     for a, b in zip(warm, one_shot, strict=True):
         assert a.ok and b.ok, (a.failure, b.failure)
         ra, rb = a.latency.ratio_to_reference, b.latency.ratio_to_reference
-        assert abs(ra.median - rb.median) <= ra.iqr + rb.iqr, (ra, rb)
+        assert abs(ra.median - rb.median) <= max(ra.iqr + rb.iqr, 0.05 * rb.median), (ra, rb)
         assert a.latency.device["allocator"] == b.latency.device["allocator"]
 
 
