@@ -37,6 +37,7 @@ import secrets
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -160,6 +161,13 @@ class LockKeeper(threading.Thread):
             self.join(5.0)
 
 
+def inflight_cap(parallelism: int, live_workers: int) -> int:
+    """Tasks a job keeps queued or leased: one more than its live workers (so that a
+    worker finds its next task queued while its last result is being told), never more
+    than the job's parallelism, and one while no worker is live (it waits for the first)."""
+    return max(1, min(parallelism, live_workers + 1))
+
+
 class Scheduler:
     def __init__(self, db: Database, settings: Settings,
                  metrics: Metrics | NullMetrics | None = None, owner: str | None = None) -> None:
@@ -172,6 +180,14 @@ class Scheduler:
         self._errors: dict[str, int] = {}
         self.error_log = ErrorLog(log)
         self._heard = False  # False until a tick got through (and after one that did not)
+        # One thread of this process drives a job at a time: the database lock admits its
+        # owner again, so two threads of one scheduler (the loop, and a tick called by
+        # hand) would otherwise both drive it and tell its trials twice.
+        self._driving: dict[str, threading.Lock] = {}
+        self._driving_guard = threading.Lock()
+        # Called (from the scheduler's thread) after a tick queued tasks: the API wakes
+        # this process's waiting long polls (service/api/doorbell.py).
+        self.on_queued: Callable[[], None] | None = None
 
     # ---- the tick ---------------------------------------------------------------------
 
@@ -206,23 +222,38 @@ class Scheduler:
                 "re-queued" if r.requeued else "attempts exhausted, trial fails",
             )
         for job_id in self._candidates():
-            if not self._claim(job_id):
+            with self._driving_guard:
+                here = self._driving.setdefault(job_id, threading.Lock())
+            if not here.acquire(blocking=False):  # another thread of ours drives it now
                 report.skipped_locked.append(job_id)
                 continue
-            keeper = LockKeeper(self.db, job_id, self.owner, self.settings.scheduler_lock_s)
-            keeper.start()
             try:
-                report.jobs[job_id] = self._drive(job_id)
-                self._errors.pop(job_id, None)
-            except LockLost:
-                report.skipped_locked.append(job_id)
-            except Exception as exc:  # one job's trouble must not stop the others
-                self._job_error(job_id, exc)
-                report.errors[job_id] = f"{type(exc).__name__}: {exc}"
+                self._drive_locked(job_id, report)
             finally:
-                keeper.stop()
-                self._release(job_id)
+                here.release()
         return report
+
+    def _drive_locked(self, job_id: str, report: TickReport) -> None:
+        if not self._claim(job_id):
+            report.skipped_locked.append(job_id)
+            return
+        keeper = LockKeeper(self.db, job_id, self.owner, self.settings.scheduler_lock_s)
+        keeper.start()
+        try:
+            report.jobs[job_id] = tick = self._drive(job_id)
+            self._errors.pop(job_id, None)
+        except LockLost:
+            report.skipped_locked.append(job_id)
+        except Exception as exc:  # one job's trouble must not stop the others
+            self._job_error(job_id, exc)
+            report.errors[job_id] = f"{type(exc).__name__}: {exc}"
+        else:
+            if tick.queued and self.on_queued is not None:
+                with contextlib.suppress(Exception):
+                    self.on_queued()
+        finally:
+            keeper.stop()
+            self._release(job_id)
 
     def run_until_idle(self, max_ticks: int = 1000) -> TickReport:
         """Tick until no job changes (tests and tools)."""
@@ -479,7 +510,7 @@ class Scheduler:
             return len(inflight), live
 
         inflight, live = self.db.run(read, write=False)
-        cap = max(1, min(job.parallelism, live))
+        cap = inflight_cap(job.parallelism, live)
         asks = 0
         sampling_errors = 0
         max_asks = self.settings.scheduler_max_asks_per_tick
@@ -691,10 +722,12 @@ class SchedulerLoop:
 
         while not self._stopping:
             started = time.monotonic()
+            # cleared before the tick: a wake that comes during the tick (a result
+            # arrives) makes the next tick start at once instead of being lost
+            self._event.clear()
             # a failed tick is counted and logged (rate-limited) by Scheduler.tick
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(self.scheduler.tick)
-            self._event.clear()
             wait = max(0.05, self.interval_s - (time.monotonic() - started))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._event.wait(), timeout=wait)

@@ -66,6 +66,40 @@ def test_long_poll_waits_then_returns_a_task_when_one_appears(client, app, user_
     assert task["measure"]["resolution"] == 32 and task["spec"]["num_classes"] == 10
 
 
+def test_the_doorbell_wakes_a_waiting_long_poll_when_the_scheduler_queues(
+        make_settings, user_key, make_worker_token):
+    """With a 5 s poll interval, a waiting lease gets the task the scheduler of the same
+    process has just queued at once (without the doorbell: at its next read, 5 s on)."""
+    from fastapi.testclient import TestClient
+
+    from service.api.app import create_app
+
+    slow = create_app(make_settings(lease_poll_interval_s=5.0))
+    with TestClient(slow) as c:
+        _, h = user_key
+        target, wh = make_worker_token()
+        worker = HttpWorker(c, wh, target)
+        worker.register()
+        got = {}
+
+        def poll():
+            t = time.monotonic()
+            got["lease"] = worker.lease(wait_s=20)
+            got["waited"] = time.monotonic() - t
+
+        th = threading.Thread(target=poll)
+        th.start()
+        time.sleep(0.3)  # the poll has read once and waits
+        c.post("/v1/jobs", headers=h, json=job_body(target, trials=1))
+        rings = slow.state.doorbell.rings
+        t_tick = time.monotonic()
+        slow.state.scheduler.tick()
+        th.join(15)
+        assert slow.state.doorbell.rings == rings + 1
+        assert got["lease"] is not None
+        assert time.monotonic() - t_tick < 2.5 and got["waited"] < 4.0
+
+
 def test_result_is_accepted_once_duplicates_are_noops_and_stale_is_409(
         client, app, user_key, make_worker_token):
     from service import clock
@@ -220,9 +254,9 @@ def test_concurrent_leases_never_share_a_task(client, app, user_key, make_worker
     for w in workers:
         w.register()
     client.post("/v1/jobs", headers=h, json=job_body(target, trials=12, parallelism=12))
-    app.state.scheduler.tick()  # 6 live workers: 6 tasks queued
+    app.state.scheduler.tick()  # 6 live workers: 7 tasks queued (one beyond them)
     text = client.get("/metrics").text
-    assert f'fitnas_queue_depth{{target="{target}"}} 6.0' in text
+    assert f'fitnas_queue_depth{{target="{target}"}} 7.0' in text
     got: list[str] = []
     lock = threading.Lock()
     errors: list[str] = []
@@ -243,7 +277,7 @@ def test_concurrent_leases_never_share_a_task(client, app, user_key, make_worker
     for t in threads:
         t.join(60)
     assert not errors
-    assert len(got) == 6 and len(set(got)) == 6
+    assert len(got) == 7 and len(set(got)) == 7
     text = client.get("/metrics").text
-    assert f'fitnas_tasks_leased{{target="{target}"}} 6.0' in text
+    assert f'fitnas_tasks_leased{{target="{target}"}} 7.0' in text
     assert f'fitnas_workers_live{{target="{target}"}} 6.0' in text

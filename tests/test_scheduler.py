@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -255,7 +256,7 @@ def test_parallelism_is_bounded_by_live_workers(client, app, settings, user_key,
     for w in workers[:2]:
         w.register()
     sched.tick()
-    assert inflight() == 2
+    assert inflight() == 3  # two workers, and one task queued for whichever is done first
     for w in workers[2:]:
         w.register()
     sched.tick()
@@ -270,7 +271,7 @@ def test_parallelism_is_bounded_by_live_workers(client, app, settings, user_key,
         assert lease is not None
         workers[4].result(lease)
         sched.tick()
-    assert inflight() == 1
+    assert inflight() == 2  # one live worker: its task and the next one, queued
     t = client.get(f"/v1/targets/{target}", headers=h).json()
     assert t["live_workers"] == 1
 
@@ -545,3 +546,78 @@ def test_a_failed_job_cancels_its_tasks_like_a_cancel(client, app, user_key,
     held = tasks[leases[1]["task_id"]]
     assert held.state == "cancelled" and held.finished_at is not None
     assert tasks[leases[0]["task_id"]].state == "done"
+
+
+def test_inflight_cap_keeps_one_task_queued_beyond_live_workers():
+    from service.scheduler import inflight_cap
+
+    assert inflight_cap(3, 0) == 1  # no worker yet: one waits for the first
+    assert [inflight_cap(2, n) for n in (1, 2, 5)] == [2, 2, 2]  # parallelism binds
+    assert [inflight_cap(8, n) for n in (1, 2, 5)] == [2, 3, 6]
+    assert inflight_cap(1, 4) == 1
+
+
+def test_two_threads_of_one_scheduler_never_drive_one_job_at_once(
+        client, app, settings, user_key, make_worker_token, monkeypatch):
+    """The database lock admits its owner again; the scheduler's own per-job lock makes
+    a tick called by hand while the loop's tick drives a job skip that job."""
+    _, h = user_key
+    target, _wh = make_worker_token()
+    job = client.post("/v1/jobs", headers=h, json=job_body(target, trials=2)).json()
+    sched = Scheduler(app.state.db, settings, owner="one-process")
+    inside, release = threading.Event(), threading.Event()
+    drives: list[str] = []
+    real = sched._drive
+
+    def slow_drive(job_id):
+        drives.append(job_id)
+        if job_id == job["id"] and len(drives) == 1:
+            inside.set()
+            assert release.wait(30)
+        return real(job_id)
+
+    monkeypatch.setattr(sched, "_drive", slow_drive)
+    first = threading.Thread(target=sched.tick)
+    first.start()
+    try:
+        assert inside.wait(30)
+        report = sched.tick()  # the loop's tick is still inside the job
+        assert job["id"] in report.skipped_locked and job["id"] not in report.jobs
+        assert drives.count(job["id"]) == 1
+    finally:
+        release.set()
+        first.join(30)
+    assert sched.tick().jobs.get(job["id"]) is not None  # free again afterwards
+
+
+def test_a_wake_during_a_tick_starts_the_next_tick_at_once():
+    """A result that arrives while a tick runs wakes the loop; the next tick must not
+    wait for the interval (30 s here)."""
+    import asyncio
+
+    from service.scheduler import SchedulerLoop
+
+    class Stub:
+        def __init__(self):
+            self.ticks: list[float] = []
+            self.loop: SchedulerLoop | None = None
+
+        def tick(self):
+            self.ticks.append(time.monotonic())
+            if len(self.ticks) == 1:
+                self.loop.wake()  # a result arrives during this tick
+
+    async def run() -> list[float]:
+        stub = Stub()
+        loop = SchedulerLoop(stub, interval_s=30.0)
+        stub.loop = loop
+        await loop.start()
+        for _ in range(200):
+            if len(stub.ticks) >= 2:
+                break
+            await asyncio.sleep(0.01)
+        await loop.stop()
+        return stub.ticks
+
+    ticks = asyncio.run(run())
+    assert len(ticks) >= 2 and ticks[1] - ticks[0] < 1.0

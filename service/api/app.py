@@ -20,6 +20,7 @@ from sqlalchemy.exc import DBAPIError
 from service import leases
 from service.api.boundary import BodyLimits, RequestGuard, validation_errors
 from service.api.deps import require_user
+from service.api.doorbell import Doorbell
 from service.api.metrics import CONTENT_TYPE, Metrics
 from service.db import Database, error_status
 from service.scheduler import Scheduler, SchedulerLoop
@@ -45,6 +46,8 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None) 
     db = db or Database.from_settings(settings)
     metrics = Metrics(db, settings.worker_timeout_s)
     scheduler = Scheduler(db, settings, metrics=metrics)
+    doorbell = Doorbell()
+    scheduler.on_queued = doorbell.ring
     loop = SchedulerLoop(scheduler, settings.scheduler_interval_s)
 
     @asynccontextmanager
@@ -78,6 +81,7 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None) 
     app.state.db = db
     app.state.metrics = metrics
     app.state.scheduler = scheduler
+    app.state.doorbell = doorbell
     app.state.scheduler_loop = loop if settings.scheduler_enabled else None
 
     from service.api.routes import jobs, tasks, workers

@@ -7,7 +7,6 @@ service/api/app.py registers once."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 from fastapi import APIRouter, HTTPException, Request, Response, status
@@ -93,7 +92,9 @@ async def lease_task(body: LeaseRequest, request: Request, principal: CurrentWor
         remaining = deadline - time.monotonic()
         if remaining <= 0 or await request.is_disconnected():
             return Response(status_code=status.HTTP_204_NO_CONTENT)
-        await asyncio.sleep(min(settings.lease_poll_interval_s, remaining))
+        # the next read: after the poll interval, or at once when this process's
+        # scheduler queues a task meanwhile (service/api/doorbell.py)
+        await request.app.state.doorbell.wait(min(settings.lease_poll_interval_s, remaining))
 
 
 @router.post("/{task_id}/heartbeat", response_model=HeartbeatOut,
