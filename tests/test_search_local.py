@@ -96,17 +96,23 @@ def _search_cmd(tmp_path: Path, trials: int) -> list[str]:
             "--out", str(tmp_path / "out"), "--seed", "5"]
 
 
-def _states_while_created(url: str, path) -> list[optuna.trial.FrozenTrial]:
-    """Poll a storage that the search process may still be creating: opening it races
-    the other process's CREATE TABLE (both run Optuna's schema set-up), so a read that
-    loses the race (a lock, or a second stamp of its version row) counts as "nothing yet"."""
-    import sqlalchemy.exc
+def _poll(path) -> list[tuple[str, bool]]:
+    """(state, has its spec) of every trial, read from the search's SQLite file as it
+    runs: a read-only connection with a busy timeout, so the poll never writes (opening
+    an Optuna storage does) and a busy writer makes it wait instead of fail."""
+    import sqlite3
 
     if not path.exists():
         return []
     try:
-        return _states(url)
-    except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError):
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+        try:
+            return [(state, bool(has_spec)) for state, has_spec in conn.execute(
+                "SELECT t.state, EXISTS (SELECT 1 FROM trial_user_attributes a "
+                "WHERE a.trial_id = t.trial_id AND a.key = 'spec') FROM trials t")]
+        finally:
+            conn.close()
+    except sqlite3.OperationalError:  # the schema is not there yet
         return []
 
 
@@ -127,13 +133,13 @@ def test_ctrl_c_then_the_same_command_resumes(tmp_path):
         # wait until one trial is done and the next is being evaluated, then Ctrl-C
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
-            trials = _states_while_created(url, tmp_path / "out" / "fitnas.db")
-            done = [t for t in trials if t.state.is_finished()]
-            running = [t for t in trials if t.state == TrialState.RUNNING]
-            if done and running and "spec" in running[0].user_attrs:
+            trials = _poll(tmp_path / "out" / "fitnas.db")
+            done = [st for st, _ in trials if st not in ("RUNNING", "WAITING")]
+            running = [has_spec for st, has_spec in trials if st == "RUNNING"]
+            if done and running and running[0]:
                 break
             assert proc.poll() is None, proc.communicate()
-            time.sleep(0.3)
+            time.sleep(0.1)
         else:
             pytest.fail("the search did not get to its second trial in time")
         proc.send_signal(signal.SIGINT)  # inside the evaluation (a warm one lasts < 1 s)
@@ -167,16 +173,14 @@ def test_ctrl_c_then_the_same_command_resumes(tmp_path):
 
 def test_ctrl_c_twice_exits_at_once_without_a_traceback(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    url = f"sqlite:///{tmp_path}/out/fitnas.db"
     proc = subprocess.Popen(_search_cmd(tmp_path, trials=50), cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 240
-        while not any(t.state == TrialState.RUNNING for t in
-                      _states_while_created(url, tmp_path / "out" / "fitnas.db")):
+        while not any(st == "RUNNING" for st, _ in _poll(tmp_path / "out" / "fitnas.db")):
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "no trial started in time"
-            time.sleep(0.3)
+            time.sleep(0.1)
         proc.send_signal(signal.SIGINT)
         time.sleep(0.2)
         if proc.poll() is None:
