@@ -306,6 +306,20 @@ def measure_references(config: SearchConfig, presets: tuple[str, ...] | list[str
     return out
 
 
+def _latency_then_quality(driver, evaluate: Evaluator, proposal) -> EvalOutcome:
+    """The service's order in this process (``SearchDriver.split_task``): the latency
+    first; the training only for a candidate within every latency budget, its rungs
+    going to the pruner."""
+    number = proposal.trial_number
+    latency_task, quality_task = driver.split_task(proposal.task)
+    latency = _evaluate_safely(evaluate, latency_task)
+    if quality_task is None or not driver.worth_training(latency):
+        return latency
+    quality = _evaluate_safely(
+        evaluate, quality_task, lambda step, value: driver.report_rung(number, step, value))
+    return driver.combine_outcomes(latency, quality)
+
+
 def _evaluate_safely(evaluate: Evaluator, task: EvalTask,
                      on_progress: Callable[[int, float], bool] | None = None) -> EvalOutcome:
     """The runner never raises for a model's failure; should it raise anyway, the trial
@@ -377,11 +391,8 @@ def _run_search(config: SearchConfig, storage: str, study_name: str, out: Path,
                 while driver.n_finished() < config.trials:
                     proposal = driver.ask()
                     if proposal.task is not None:
-                        number = proposal.trial_number
-                        outcome = _evaluate_safely(
-                            evaluate, proposal.task,
-                            lambda step, value, n=number: driver.report_rung(n, step, value))
-                        driver.tell(proposal.trial_number, outcome)
+                        driver.tell(proposal.trial_number,
+                                    _latency_then_quality(driver, evaluate, proposal))
                     bar.log(_trial_line(driver, proposal.trial_number))
                     bar.update(driver.n_finished(), _best_text(driver))
                 references = measure_references(config, presets, evaluate, cache, bar.log)

@@ -134,6 +134,10 @@ class SearchConfig(_Model):
                              "can express (every width multiplier it allows) first")
     predictor: bool = Field(True, description="pre-screen candidates the target's latency "
                             "predictor confidently places over the latency budget")
+    trainer_pool: str = Field(
+        "trainers", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="the service: the trainers that train a 'train' job's candidates (a "
+        "worker token made with --role trainer --target POOL); not part of the study")
 
     @field_validator("seed_specs", mode="before")
     @classmethod
@@ -250,7 +254,7 @@ class SearchConfig(_Model):
         """What makes two searches the same study: everything but the trial count and the
         per-evaluation limits (so that a resumed search may ask for more trials)."""
         data = self.model_dump(mode="json")
-        for key in ("trials", "timeout_s", "memory_mb"):
+        for key in ("trials", "timeout_s", "memory_mb", "trainer_pool"):
             data.pop(key, None)
         # fields added later count only when set otherwise: a study made before they
         # existed keeps its hash
@@ -1060,29 +1064,29 @@ class SearchDriver:
         if lat is None:
             fail("runtime_error", "the outcome has no latency measurement")
             return
-        if self.config.quality.signal == "none" or outcome.quality is None:
-            quality = 0.0
-            if self.config.quality.signal != "none":
-                fail("runtime_error", "the outcome has no quality value")
-                return
-        else:
-            quality = float(outcome.quality.value)
-        if not math.isfinite(quality):
-            fail("runtime_error", f"quality is not finite ({quality})")
-            return
         budgets = self.config.budgets
         stored = {**trial.user_attrs, **pending}
         constraints = {name: float(stored[f"constraint_{name}"])
                        for name in budgets.cost_limits() if f"constraint_{name}" in stored}
         ratio = lat.ratio_to_reference.median if lat.ratio_to_reference else None
-        if budgets.max_latency_ms is not None:
-            constraints["latency_ms"] = lat.latency_ms.median / budgets.max_latency_ms - 1.0
-        if budgets.max_latency_ratio is not None:
-            if ratio is None:
-                fail("runtime_error",
-                     "a relative latency budget, but no ratio to the reference came back")
-                return
-            constraints["latency_ratio"] = ratio / budgets.max_latency_ratio - 1.0
+        try:
+            constraints.update(self.latency_violations(lat))
+        except ValueError as exc:
+            fail("runtime_error", str(exc))
+            return
+        quality_skipped = False
+        if self.config.quality.signal == "none" or outcome.quality is None:
+            quality = 0.0
+            if self.config.quality.signal != "none":
+                if not (self.needs_training() and any(v > 0 for v in constraints.values())):
+                    fail("runtime_error", "the outcome has no quality value")
+                    return
+                quality_skipped = True  # over a budget: never trained
+        else:
+            quality = float(outcome.quality.value)
+        if not math.isfinite(quality):
+            fail("runtime_error", f"quality is not finite ({quality})")
+            return
         max_cv = self.config.measure.max_cv
         spread = max(lat.latency_ms.cv, lat.ratio_to_reference.cv if lat.ratio_to_reference
                      else 0.0)
@@ -1111,6 +1115,8 @@ class SearchDriver:
         if outcome.quality is not None:
             new["quality_signal"] = outcome.quality.signal
             new["quality_seconds"] = outcome.quality.seconds
+        if quality_skipped:
+            new["quality_skipped"] = 1
         if lat.notes:
             new["latency_notes"] = "; ".join(lat.notes)[:2000]
         if lat.stopping is not None:
@@ -1142,6 +1148,64 @@ class SearchDriver:
             # COMPLETE one; optuna-dashboard, which picks "best trials" from every COMPLETE
             # trial without a look at constraints, never tags it best (docs/search.md).
             self.study.tell(number, state=TrialState.PRUNED)
+
+    # ---- latency first, then training ------------------------------------------------------
+    #
+    # A signal that trains ('train') is the expensive part of a candidate and runs
+    # elsewhere (a trainer, not the device): the candidate's latency is measured first,
+    # and only a candidate within every latency budget is trained. One path for the
+    # service (two tasks, two workers) and for ``fitnas search`` (both in its process).
+
+    def needs_training(self) -> bool:
+        return self.config.quality.signal == "train"
+
+    def split_task(self, task: EvalTask) -> tuple[EvalTask, EvalTask | None]:
+        """(the latency part, the training part); the second is None when the signal does
+        not train (then the first is the task itself: proxies run beside the
+        measurement)."""
+        if not self.needs_training() or task.quality is None:
+            return task, None
+        return (task.model_copy(update={"quality": None}),
+                task.model_copy(update={"measure": None, "budget": None}))
+
+    def latency_violations(self, lat: Any) -> dict[str, float]:
+        """The latency constraints of a measurement (``value / budget - 1``; > 0 is over).
+        Raises ValueError for a ratio budget without a ratio."""
+        budgets = self.config.budgets
+        out: dict[str, float] = {}
+        if budgets.max_latency_ms is not None:
+            out["latency_ms"] = lat.latency_ms.median / budgets.max_latency_ms - 1.0
+        if budgets.max_latency_ratio is not None:
+            if lat.ratio_to_reference is None:
+                raise ValueError("a relative latency budget, but no ratio to the reference "
+                                 "came back")
+            out["latency_ratio"] = (lat.ratio_to_reference.median
+                                    / budgets.max_latency_ratio - 1.0)
+        return out
+
+    def worth_training(self, latency: EvalOutcome) -> bool:
+        """A latency outcome whose candidate goes on to training: measured, within every
+        latency budget. Anything else is told as it is (failed, or over a budget: PRUNED
+        with ``quality_skipped``) and never trained."""
+        if not self.needs_training() or not latency.ok or latency.latency is None:
+            return False
+        try:
+            return all(v <= 0 for v in self.latency_violations(latency.latency).values())
+        except ValueError:
+            return False
+
+    @staticmethod
+    def combine_outcomes(latency: EvalOutcome, quality: EvalOutcome) -> EvalOutcome:
+        """One trial's outcome from its latency task's and its training task's."""
+        seconds = latency.seconds + quality.seconds
+        if not latency.ok:
+            return latency
+        if not quality.ok:
+            return EvalOutcome(ok=False, latency=latency.latency, quality=quality.quality,
+                               failure=quality.failure, seconds=seconds,
+                               evaluator=latency.evaluator)
+        return EvalOutcome(ok=True, latency=latency.latency, quality=quality.quality,
+                           seconds=seconds, evaluator=latency.evaluator)
 
     # ---- multi-fidelity: rung values and pruning ------------------------------------------
     #

@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session
 from search.evaluators.types import EvalTask, FailureReason
 from service.db import Database, new_id, utcnow
 from service.models import Job, Task, Worker
-from service.states import JobStatus, TaskState, sources
+from service.states import JobStatus, TaskKind, TaskState, sources
 from service.tokens import hash_token
 
 FAILURE_REASONS = set(get_args(FailureReason))
@@ -63,6 +63,7 @@ class LeaseGrant:
     lease_expires_at: datetime
     attempt: int
     task: dict[str, Any]
+    kind: str = TaskKind.LATENCY
 
 
 @dataclass
@@ -77,11 +78,12 @@ def _new_lease_token() -> str:
     return "fnl_" + secrets.token_urlsafe(24)
 
 
-def queued_candidates(s: Session, target: str, runtimes: list[str] | None, limit: int = 8):
+def queued_candidates(s: Session, target: str, runtimes: list[str] | None, limit: int = 8,
+                      kind: str = TaskKind.LATENCY):
     q = (
         select(Task.id)
         .join(Job, Job.id == Task.job_id)
-        .where(Task.target == target, Task.state == TaskState.QUEUED,
+        .where(Task.target == target, Task.state == TaskState.QUEUED, Task.kind == kind,
                Job.status == JobStatus.RUNNING)
         .order_by(Task.created_at, Task.id)
         .limit(limit)
@@ -98,9 +100,12 @@ def lease_one(
     target: str,
     runtimes: list[str] | None,
     lease_timeout_s: float,
+    kind: str = TaskKind.LATENCY,
 ) -> LeaseGrant | None:
-    """Try once to lease the oldest queued task for ``target``; None if there is none."""
-    candidates = db.run(lambda s: queued_candidates(s, target, runtimes), write=False)
+    """Try once to lease the oldest queued task of ``kind`` for ``target``; None if there
+    is none."""
+    candidates = db.run(lambda s: queued_candidates(s, target, runtimes, kind=kind),
+                        write=False)
     if not candidates:
         return None
 
@@ -133,6 +138,7 @@ def lease_one(
                     lease_expires_at=expires,
                     attempt=row.attempts_used + 1,
                     task=row.task,
+                    kind=row.kind,
                 )
         return None
 
@@ -394,13 +400,15 @@ def cancel_job_tasks(s: Session, job_id: str, now: datetime | None = None) -> in
 
 
 def enqueue(s: Session, *, job_id: str, trial_number: int, target: str, task: EvalTask,
-            cache_key: str, now: datetime) -> Task:
-    """Queue a trial's measurement task (the scheduler, while it holds the job's lock)."""
+            cache_key: str, now: datetime, kind: str = TaskKind.LATENCY) -> Task:
+    """Queue a trial's measurement task, or its training (``kind`` quality, ``target`` the
+    trainer pool): the scheduler, while it holds the job's lock."""
     row = Task(
         id=new_id() + new_id(),
         job_id=job_id,
         trial_number=trial_number,
         target=target,
+        kind=kind,
         runtime=task.measure.runtime if task.measure is not None else "eager",
         state=TaskState.QUEUED,
         task=task.model_dump(mode="json"),

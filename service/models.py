@@ -27,7 +27,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from service import clock
-from service.states import JobStatus, TaskState
+from service.states import JobStatus, TaskKind, TaskState, WorkerRole
 
 PREFIX = "fitnas_"
 VERSION_TABLE = "fitnas_alembic_version"
@@ -103,6 +103,8 @@ class WorkerToken(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     target: Mapped[str] = mapped_column(ForeignKey("fitnas_targets.name"), index=True)
     name: Mapped[str] = mapped_column(String(100), default="")
+    role: Mapped[str] = mapped_column(String(16), default=WorkerRole.LATENCY,
+                                      server_default=WorkerRole.LATENCY.value)
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     prefix: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(default=_now)
@@ -158,11 +160,12 @@ class Job(Base):
 
 
 class Task(Base):
-    """One measurement of one trial: what a worker leases."""
+    """One measurement of one trial (``kind`` latency), or its training (``kind``
+    quality, queued once the latency met every budget): what a worker leases."""
 
     __tablename__ = "fitnas_tasks"
     __table_args__ = (
-        UniqueConstraint("job_id", "trial_number"),
+        UniqueConstraint("job_id", "trial_number", "kind"),
         Index("ix_fitnas_tasks_target_state_created_at", "target", "state", "created_at"),
         Index("ix_fitnas_tasks_state_lease_expires_at", "state", "lease_expires_at"),
         Index("ix_fitnas_tasks_job_id_state", "job_id", "state"),
@@ -172,6 +175,8 @@ class Task(Base):
     job_id: Mapped[str] = mapped_column(ForeignKey("fitnas_jobs.id", ondelete="CASCADE"))
     trial_number: Mapped[int] = mapped_column(Integer)
     target: Mapped[str] = mapped_column(ForeignKey("fitnas_targets.name"))
+    kind: Mapped[str] = mapped_column(String(16), default=TaskKind.LATENCY,
+                                      server_default=TaskKind.LATENCY.value)
     runtime: Mapped[str] = mapped_column(String(32), default="eager")
     state: Mapped[str] = mapped_column(String(16), default=TaskState.QUEUED)
     task: Mapped[dict[str, Any]] = mapped_column()

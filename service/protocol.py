@@ -13,7 +13,7 @@ semantics (409: the lease is stale, abandon the task).
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -65,6 +65,9 @@ class WorkerRegister(In):
 
     target: TargetName
     name: str = Field(min_length=1, max_length=200)
+    role: Literal["latency", "trainer"] = Field(
+        "latency", description="what this worker does; must be its token's role "
+        "(latency: measures on the target's device; trainer: trains for a trainer pool)")
     device: str = Field("cpu", max_length=64)
     runtimes: list[str] = Field(default_factory=list, max_length=16)
     fingerprint: dict[str, Any] = Field(default_factory=dict)
@@ -89,6 +92,9 @@ class LeaseRequest(In):
     worker_id: str = Field(min_length=1, max_length=32)
     target: TargetName
     wait_s: float = Field(0.0, ge=0, le=30, description="long poll: wait up to this long")
+    kind: Literal["latency", "quality"] | None = Field(
+        None, description="the kind of task wanted; None: the one the token's role leases "
+        "(another is 403)")
 
 
 class LeaseOut(BaseModel):
@@ -98,6 +104,7 @@ class LeaseOut(BaseModel):
     attempt: int
     job_id: str
     trial_number: int
+    kind: Literal["latency", "quality"] = "latency"
     task: dict[str, Any] = Field(description="an EvalTask (search.evaluators.types)")
 
 
@@ -117,6 +124,21 @@ class ResultIn(In):
 class ResultOut(BaseModel):
     accepted: bool
     duplicate: bool = False
+
+
+class ProgressIn(In):
+    """A rung of a training task: the validation accuracy after ``step`` steps. Extends
+    the lease (it is also a heartbeat) and asks the job's pruner."""
+
+    lease_token: str = Field(min_length=1, max_length=200)
+    step: int = Field(ge=0, le=10_000_000)
+    value: float = Field(ge=-1e9, le=1e9)
+
+
+class ProgressOut(BaseModel):
+    go_on: bool = Field(description="False: the pruner stopped the candidate; report the "
+                        "result at this step and end the task")
+    lease_expires_at: datetime
 
 
 class FailIn(In):

@@ -35,6 +35,28 @@ class TaskState(StrEnum):
     CANCELLED = "cancelled"
 
 
+class WorkerRole(StrEnum):
+    """What a worker token may do: measure latency on its target's device, or train
+    candidates for a pool of trainers (its "target" is then the pool's name)."""
+
+    LATENCY = "latency"
+    TRAINER = "trainer"
+
+
+class TaskKind(StrEnum):
+    """A candidate's latency (a worker of the job's target) or its quality by training
+    (a trainer of the job's trainer pool); the second only for candidates the first
+    found within every budget."""
+
+    LATENCY = "latency"
+    QUALITY = "quality"
+
+
+# The task kind each role leases.
+ROLE_KIND = {WorkerRole.LATENCY: TaskKind.LATENCY, WorkerRole.TRAINER: TaskKind.QUALITY}
+# The trainer pool of a job that trains, unless the job names another.
+DEFAULT_TRAINER_POOL = "trainers"
+
 # A job the scheduler still drives (or may still fail).
 ACTIVE_JOB = (JobStatus.QUEUED, JobStatus.RUNNING)
 # A task that still needs a worker: it counts against the job's parallelism.

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 
 from service.db import Database, new_id, utcnow
 from service.models import ApiKey, Target, WorkerToken
+from service.states import WorkerRole
 
 API_KEY_PREFIX = "fnk_"
 WORKER_TOKEN_PREFIX = "fnw_"
@@ -76,16 +77,22 @@ def ensure_target(s: Session, name: str, description: str = "") -> Target:
     return row
 
 
-def create_worker_token(db: Database, target: str, name: str = "") -> tuple[str, WorkerToken]:
-    """Make a worker token scoped to ``target`` (created if new); returns (token, row)."""
+def create_worker_token(db: Database, target: str, name: str = "",
+                        role: str = WorkerRole.LATENCY) -> tuple[str, WorkerToken]:
+    """Make a worker token scoped to ``target`` (created if new) with a role: a latency
+    worker of that target, or a trainer of the pool of that name. Returns (token, row)."""
     validate_target_name(target)
+    try:
+        role = WorkerRole(role)
+    except ValueError:
+        raise AuthError(f"bad role {role!r}: latency or trainer") from None
     token = new_token(WORKER_TOKEN_PREFIX)
 
     def op(s: Session) -> WorkerToken:
         ensure_target(s, target)
         row = WorkerToken(
-            id=new_id(), target=target, name=name, token_hash=hash_token(token),
-            prefix=token[:10],
+            id=new_id(), target=target, name=name, role=role.value,
+            token_hash=hash_token(token), prefix=token[:10],
         )
         s.add(row)
         return row

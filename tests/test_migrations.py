@@ -42,7 +42,7 @@ def test_upgrade_from_empty_no_drift_and_optuna_coexists(db_url):
 
     migrations.upgrade(db_url)
     head = migrations.head_revision()
-    assert migrations.current_revision(db_url) == head == "0003"
+    assert migrations.current_revision(db_url) == head == "0004"
     migrations.check(db_url)  # raises on any drift between models and migrations
 
     tables = _tables(db_url)
@@ -91,12 +91,12 @@ def test_cli_db_upgrade_and_admin(tmp_path, monkeypatch):
     monkeypatch.setenv("FITNAS_DATABASE_URL", url)
     runner = CliRunner()
     r = runner.invoke(app, ["db", "current"])
-    assert r.exit_code == 0 and "database none, code 0003" in r.output
+    assert r.exit_code == 0 and "database none, code 0004" in r.output
     r = runner.invoke(app, ["db", "upgrade"])
     assert r.exit_code == 0, r.output
-    assert "upgraded from empty to 0003" in r.output
+    assert "upgraded from empty to 0004" in r.output
     r = runner.invoke(app, ["db", "upgrade"])
-    assert r.exit_code == 0 and "already at 0003" in r.output
+    assert r.exit_code == 0 and "already at 0004" in r.output
 
     r = runner.invoke(app, ["admin", "create-key", "--name", "alice"])
     assert r.exit_code == 0, r.output

@@ -106,11 +106,17 @@ def test_median_pruner_and_no_pruner(url):
 
 
 def test_local_search_prunes_and_counts_pruned_trials(tmp_path):
-    """run_search passes the driver's pruner to an evaluator that takes on_progress."""
+    """run_search measures the latency first, then trains with the driver's pruner on an
+    evaluator that takes on_progress."""
     cfg = config(trials=6, measure=MeasureSettings(reference="preset:mobilenet_v2@0.5"))
-    calls = {"n": 0}
+    calls = {"n": 0, "latency": 0}
 
     def fake(task: EvalTask, on_progress=None) -> EvalOutcome:
+        if task.quality is None:  # the latency part: no training in it
+            calls["latency"] += 1
+            lat = outcome(task.measure, [[120, 0.0]], pruned=False)
+            return lat.model_copy(update={"quality": None})
+        assert task.measure is None and on_progress is not None  # the training part
         calls["n"] += 1
         final = 0.9 - 0.1 * calls["n"]  # every candidate worse than the one before
         rungs = []
@@ -118,8 +124,8 @@ def test_local_search_prunes_and_counts_pruned_trials(tmp_path):
             value = final * step / 120
             rungs.append([step, value])
             if step < 120 and not on_progress(step, value):
-                return outcome(task.measure, rungs, pruned=True)
-        return outcome(task.measure, rungs, pruned=False)
+                return outcome(cfg.measure, rungs, pruned=True)
+        return outcome(cfg.measure, rungs, pruned=False)
 
     url = f"sqlite:///{tmp_path}/fitnas.db"
     res = run_search(cfg, url, "local", tmp_path / "out", progress=False, presets=[],
@@ -127,6 +133,37 @@ def test_local_search_prunes_and_counts_pruned_trials(tmp_path):
     counts = json.loads(res.result_json.read_text())["counts"]
     assert counts["trials"] == 6 and counts["pruned"] >= 4, counts
     assert counts["measured"] + counts["pruned"] + counts["cached"] == 6
+    assert calls["latency"] == calls["n"] == 6  # every candidate was within the budget
+
+
+def test_over_budget_candidates_are_never_trained(tmp_path):
+    """Latency first: a candidate over the latency budget is told PRUNED with its
+    latency and quality_skipped, and its training never runs."""
+    from search.study import Budgets
+
+    cfg = config(trials=4, budgets=Budgets(max_latency_ms=3.0))
+    trained: list[int] = []
+    seen = {"n": 0}
+
+    def fake(task: EvalTask, on_progress=None) -> EvalOutcome:
+        if task.quality is None:
+            seen["n"] += 1
+            ms = 2.0 if seen["n"] % 2 else 5.0  # every other candidate over 3 ms
+            lat = outcome(task.measure, [[120, 0.0]], pruned=False, latency_ms=ms)
+            return lat.model_copy(update={"quality": None})
+        trained.append(seen["n"])
+        return outcome(MeasureSettings(reference="preset:mobilenet_v2@0.5"),
+                       [[60, 0.4], [120, 0.5]], pruned=False)
+
+    url = f"sqlite:///{tmp_path}/fitnas.db"
+    run_search(cfg, url, "local", tmp_path / "out", progress=False, presets=[],
+               evaluate=fake, export=False)
+    assert trained == [1, 3]
+    study = optuna.load_study(study_name="local", storage=url)
+    skipped = [t for t in study.trials if t.user_attrs.get("quality_skipped")]
+    assert len(skipped) == 2
+    assert all(t.state == optuna.trial.TrialState.PRUNED and t.user_attrs["latency_ms"] == 5.0
+               and not t.user_attrs.get("rungs") for t in skipped)
 
 
 def test_isolated_runner_carries_rungs_and_stops_when_told():

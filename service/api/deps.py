@@ -23,6 +23,7 @@ from service.api.metrics import Metrics, NullMetrics
 from service.db import Database, utcnow
 from service.models import ApiKey, WorkerToken
 from service.settings import Settings
+from service.states import WorkerRole
 from service.tokens import API_KEY_PREFIX, WORKER_TOKEN_PREFIX, hash_token
 
 # Writing last_used_at on every request would turn every read into a write; once a
@@ -39,6 +40,7 @@ class User:
 class WorkerPrincipal:
     token_id: str
     target: str
+    role: str = WorkerRole.LATENCY
 
 
 def _bearer(request: Request) -> str:
@@ -151,7 +153,7 @@ def require_worker(request: Request, db: DatabaseDep,
             "the task protocol needs a worker token (fitnas admin create-worker-token)",
         )
     row = _lookup(db, WorkerToken, token)
-    return WorkerPrincipal(token_id=row.id, target=row.target)
+    return WorkerPrincipal(token_id=row.id, target=row.target, role=row.role)
 
 
 def check_target(principal: WorkerPrincipal, target: str) -> None:
@@ -159,6 +161,16 @@ def check_target(principal: WorkerPrincipal, target: str) -> None:
         raise HTTPException(
             status.HTTP_403_FORBIDDEN,
             f"this worker token is scoped to target {principal.target!r}, not {target!r}",
+        )
+
+
+def check_role(principal: WorkerPrincipal, role: str) -> None:
+    """403 unless the token's role is ``role``, naming the ``--role`` to run with."""
+    if principal.role != role:
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN,
+            f"this worker token is for the {principal.role!r} role, not {role!r}: run "
+            f"fitnas worker --role {principal.role}",
         )
 
 

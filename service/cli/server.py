@@ -285,13 +285,17 @@ def create_worker_token_cmd(
     target: str = typer.Option(..., "--target", help="the target (device class) this "
                                "token may serve; created if new"),
     name: str = typer.Option("", "--name", help="a label for the token"),
+    role: str = typer.Option("latency", "--role", help="latency: measures candidates on "
+                             "the target's device; trainer: trains candidates for the pool "
+                             "named by --target (a job's trainer_pool, 'trainers' by default)"),
     write_to: Path | None = typer.Option(
         None, "--write-to", help="write the token to this file (mode 0600) instead of "
         "stdout, for a worker's FITNAS_WORKER_TOKEN_FILE; a file that already holds a "
         "token is kept (a bootstrap that runs on every start makes one token once)"),
     database_url: str = _DB_URL,
 ) -> None:
-    """Make a worker token scoped to one target. Prints the token (once) on stdout."""
+    """Make a worker token scoped to one target (or trainer pool) and role. Prints the
+    token (once) on stdout."""
     from service.tokens import AuthError, create_worker_token
 
     if write_to is not None and write_to.is_file() and write_to.read_text().strip():
@@ -299,7 +303,7 @@ def create_worker_token_cmd(
         return
     _, db = _open_db(database_url)
     try:
-        token, row = create_worker_token(db, target, name)
+        token, row = create_worker_token(db, target, name, role)
     except AuthError as exc:
         fail(str(exc))
     finally:
@@ -314,10 +318,10 @@ def create_worker_token_cmd(
             os.replace(tmp, write_to)  # a worker waiting for it never reads half a token
         except OSError as exc:
             fail(f"cannot write {write_to}: {exc.strerror or exc}")
-        typer.echo(f"worker token {row.prefix}... for target {target!r} written to "
+        typer.echo(f"{role} token {row.prefix}... for target {target!r} written to "
                    f"{write_to}", err=True)
         return
-    typer.echo(f"worker token {row.prefix}... for target {target!r}; it is shown only now",
+    typer.echo(f"{role} token {row.prefix}... for target {target!r}; it is shown only now",
                err=True)
     typer.echo(token)
 

@@ -16,6 +16,7 @@ from service.api.deps import (
     DatabaseDep,
     SettingsDep,
     WorkerPrincipal,
+    check_role,
     check_target,
 )
 from service.api.schemas import MAX_OFFSET, TargetCreate, TargetOut, WorkerPage
@@ -93,6 +94,7 @@ def get_target(name: str, user: CurrentUser, db: DatabaseDep, settings: Settings
 def register_worker(body: WorkerRegister, principal: CurrentWorker, db: DatabaseDep,
                     settings: SettingsDep):
     check_target(principal, body.target)
+    check_role(principal, body.role)
 
     def op(s: Session) -> str:
         now = utcnow()
