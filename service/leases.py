@@ -145,6 +145,22 @@ def lease_one(
     return db.run(op)
 
 
+def task_kind(db: Database, task_id: str, target: str) -> str:
+    """The kind of a task of ``target`` (TaskNotFound, WrongTarget as for any task)."""
+    return db.run(lambda s: _load(s, task_id, target).kind, write=False)
+
+
+def task_trial(db: Database, task_id: str) -> tuple[str, int]:
+    """(job id, trial number) of a task."""
+    def read(s: Session) -> tuple[str, int]:
+        row = s.get(Task, task_id)
+        if row is None:
+            raise TaskNotFound(task_id)
+        return row.job_id, row.trial_number
+
+    return db.run(read, write=False)
+
+
 def _load(s: Session, task_id: str, target: str) -> Task:
     row = s.get(Task, task_id)
     if row is None:

@@ -54,7 +54,7 @@ from service.cache import DBMeasurementCache
 from service.db import Database, utcnow
 from service.leases import Reaped, live_workers, reap_expired
 from service.models import Job, Task
-from service.states import ACTIVE_JOB, FINISHED, IN_FLIGHT, JobStatus, TaskState
+from service.states import ACTIVE_JOB, FINISHED, IN_FLIGHT, JobStatus, TaskKind, TaskState
 from service.studies import get_storage, is_feasible, load_study, summarize
 
 if TYPE_CHECKING:  # for annotations only
@@ -476,15 +476,68 @@ class Scheduler:
         told_ids = []
         for row in rows:
             outcome = _outcome_of(row)
+            if row.state == TaskState.DONE:
+                self.metrics.measurement_seconds.labels(row.target).observe(outcome.seconds)
+            if row.kind == TaskKind.LATENCY and driver.worth_training(outcome):
+                self._queue_training(job, driver, row)
+                continue
+            if row.kind == TaskKind.QUALITY:
+                outcome = driver.combine_outcomes(self._latency_outcome(row), outcome)
             driver.tell(row.trial_number, outcome)
             told_ids.append(row.id)
             self._count("measured" if outcome.ok else "failed", job.target)
-            if row.state == TaskState.DONE:
-                self.metrics.measurement_seconds.labels(job.target).observe(outcome.seconds)
         now = utcnow()
 
-        self.db.run(lambda s: leases.mark_told(s, told_ids, now))
-        return len(told_ids)
+        if told_ids:
+            self.db.run(lambda s: leases.mark_told(s, told_ids, now))
+        return len(rows)
+
+    def _queue_training(self, job: Job, driver: SearchDriver, row: Task) -> None:
+        """A latency within every budget of a job that trains: its training task for the
+        job's trainer pool, and the latency task marked told, in one transaction (the
+        trial stays RUNNING and owned; it is told once, when the training is done)."""
+        from search.evaluators.types import EvalTask
+
+        _, training = driver.split_task(EvalTask.model_validate(
+            {**row.task, "quality": driver.config.quality.model_dump(mode="json")}))
+        now = utcnow()
+
+        def op(s: Session) -> None:
+            self._renew(s, job.id, running=True)
+            leases.enqueue(s, job_id=job.id, trial_number=row.trial_number,
+                           target=driver.config.trainer_pool, task=training,
+                           cache_key=row.cache_key, now=now, kind=TaskKind.QUALITY)
+            leases.mark_told(s, [row.id], now)
+
+        self.db.run(op)
+        if self.on_queued is not None:
+            with contextlib.suppress(Exception):
+                self.on_queued()
+
+    def _latency_outcome(self, row: Task) -> EvalOutcome:
+        """The latency outcome of a training task's trial."""
+        def read(s: Session) -> Task | None:
+            return s.execute(select(Task).where(
+                Task.job_id == row.job_id, Task.trial_number == row.trial_number,
+                Task.kind == TaskKind.LATENCY)).scalar_one_or_none()
+
+        latency = self.db.run(read, write=False)
+        if latency is None:
+            return EvalOutcome(ok=False, failure=Failure(
+                reason="runtime_error", message="the latency task of this trial is missing"))
+        return _outcome_of(latency)
+
+    def report_rung(self, job_id: str, trial_number: int, step: int, value: float) -> bool:
+        """A trainer's rung (the progress endpoint): recorded with the trial, and the
+        job's pruner asked; True to go on. Any replica answers: the rungs and the pruner's
+        marks live in the study."""
+        job = self.db.run(lambda s: s.get(Job, job_id), write=False)
+        if job is None or job.status != JobStatus.RUNNING:
+            return False
+        with self._driving_guard:
+            lock = self._driving.setdefault(f"rungs:{job_id}", threading.Lock())
+        with lock:
+            return self._driver(job).report_rung(trial_number, step, value)
 
     def _mark_cancelled_told(self, job_id: str) -> None:
         now = utcnow()
@@ -544,13 +597,16 @@ class Scheduler:
 
     def _enqueue(self, job: Job, proposal: Proposal) -> None:
         now = utcnow()
+        # a signal that trains: the target's workers measure the latency only; the
+        # training is queued for the trainers once the latency met every budget
+        task, _training = self._driver(job).split_task(proposal.task)
 
         def op(s: Session) -> None:
             # only while the lock is ours and the job still runs: a job cancelled during
             # this tick gets no new task (the next tick finalizes it)
             self._renew(s, job.id, running=True)
             leases.enqueue(s, job_id=job.id, trial_number=proposal.trial_number,
-                           target=job.target, task=proposal.task,
+                           target=job.target, task=task,
                            cache_key=proposal.cache_key, now=now)
 
         self.db.run(op)

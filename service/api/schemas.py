@@ -13,7 +13,7 @@ from search.space import DesignSpace
 from search.study import Budgets
 from service.protocol import In as _In
 from service.protocol import TargetName
-from service.states import JobStatus
+from service.states import DEFAULT_TRAINER_POOL, JobStatus
 
 ExportFormat = Literal["json", "pytorch", "torchscript", "onnx"]
 
@@ -83,6 +83,10 @@ class JobCreate(_In):
                                               description="NSGA-II only")
     timeout_s: float = Field(300.0, gt=0, le=24 * 3600, description="per evaluation")
     memory_mb: StrictInt = Field(4096, ge=64, le=1_048_576, description="per evaluation")
+    trainer_pool: TargetName = Field(
+        DEFAULT_TRAINER_POOL, description="signal 'train': the trainers that train the "
+        "candidates found within budget (`fitnas admin create-worker-token --role trainer "
+        "--target POOL`); the target's workers only measure latency")
     seed_specs: list[str | dict[str, Any]] = Field(
         default_factory=list, max_length=100, description="networks tried first (compact "
         "strings, preset:NAME[@WIDTH] or spec objects); each must be a point of the space")

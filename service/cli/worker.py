@@ -65,6 +65,10 @@ def register(app: typer.Typer) -> None:
             help="Touched on every answer from the API: a container healthcheck reads its "
             "age.",
         ),
+        role: str = typer.Option(
+            "latency", "--role", help="latency: lease measurement tasks of TARGET and "
+            "measure them on this device; trainer: lease training tasks of the trainer pool "
+            "named by --target (its token made with --role trainer) and never measure"),
         device: str = typer.Option(
             "cpu", "--device", envvar="FITNAS_WORKER_DEVICE", help="cpu, cuda or cuda:N."
         ),
@@ -127,6 +131,7 @@ def register(app: typer.Typer) -> None:
                 server=server,
                 target=target,
                 token=(token or "").strip(),
+                role=role,
                 device=device,
                 runtimes=list(runtime) if runtime else available_runtimes(),
                 name=name or "",

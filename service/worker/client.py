@@ -24,6 +24,8 @@ from service.protocol import (
     LeaseOut,
     LeaseRequest,
     LeaseTokenIn,
+    ProgressIn,
+    ProgressOut,
     ReleaseOut,
     ResultIn,
     ResultOut,
@@ -179,10 +181,11 @@ class ApiClient:
         raise ProtocolError(f"{path}: HTTP {code}: {_detail(resp)}")
 
     def register(
-        self, target: str, name: str, device: str, runtimes: list[str], fingerprint: dict
+        self, target: str, name: str, device: str, runtimes: list[str], fingerprint: dict,
+        role: str = "latency",
     ) -> WorkerRegistered:
         body = _body(REGISTER_PATH, WorkerRegister, target=target, name=name, device=device,
-                     runtimes=runtimes, fingerprint=fingerprint)
+                     runtimes=runtimes, fingerprint=fingerprint, role=role)
         return _answer(REGISTER_PATH, WorkerRegistered, self._post(REGISTER_PATH, body))
 
     def lease(self, worker_id: str, target: str, wait_s: float) -> LeaseOut | None:
@@ -202,6 +205,13 @@ class ApiClient:
         path = task_path(task_id, "result")
         body = _body(path, ResultIn, lease_token=lease_token, outcome=outcome)
         return _answer(path, ResultOut, self._post(path, body))
+
+    def progress(self, task_id: str, lease_token: str, step: int, value: float
+                 ) -> ProgressOut:
+        """A training rung: extends the lease; ``go_on`` False means pruned."""
+        path = task_path(task_id, "progress")
+        body = _body(path, ProgressIn, lease_token=lease_token, step=step, value=value)
+        return _answer(path, ProgressOut, self._post(path, body))
 
     def fail(self, task_id: str, lease_token: str, reason: str, message: str) -> FailOut:
         path = task_path(task_id, "fail")

@@ -129,6 +129,7 @@ class WorkerConfig:
     server: str
     target: str
     token: str
+    role: str = "latency"  # or "trainer": trains for the pool named by target
     device: str = "cpu"
     runtimes: list[str] = field(default_factory=available_runtimes)
     name: str = ""
@@ -167,6 +168,11 @@ class WorkerConfig:
 
 def check_environment(config: WorkerConfig) -> None:
     """Fail fast, with one line, when this machine cannot do what the config promises."""
+    if config.role not in ("latency", "trainer"):
+        raise WorkerError(f"--role {config.role}: latency or trainer")
+    if config.role == "trainer" and not config.device.startswith("cpu"):
+        raise WorkerError(f"--role trainer --device {config.device}: trainers train on "
+                          "the CPU in this version (the device is for latency workers)")
     if "onnxruntime" in config.runtimes and "onnxruntime" not in available_runtimes():
         raise WorkerError("runtime 'onnxruntime' needs the onnx and onnxruntime packages")
     if config.device.startswith("cuda"):

@@ -93,16 +93,40 @@ def _kill_new_children(before: set[int]) -> int:
     return len(victims)
 
 
+def _refuses(role: str, kind: str, task: EvalTask) -> str | None:
+    """Why this worker must not run a task handed to it (None: it may). A latency worker
+    never trains; a trainer never measures latency."""
+    trains = task.quality is not None and task.quality.signal == "train"
+    if role == "trainer":
+        if kind != "quality" or task.measure is not None:
+            return "a trainer never measures latency: this task belongs to a latency worker"
+        return None
+    if kind == "quality" or trains:
+        return ("a latency worker never trains: this task belongs to a trainer "
+                "(fitnas worker --role trainer)")
+    return None
+
+
 class _Evaluation(threading.Thread):
-    def __init__(self, evaluate: Evaluator, task: EvalTask, data_sources: dict[str, str]):
+    def __init__(self, evaluate: Evaluator, task: EvalTask, data_sources: dict[str, str],
+                 on_progress: Callable[[int, float], bool] | None = None):
         super().__init__(name="evaluation", daemon=True)
         self._evaluate, self.task, self.data_sources = evaluate, task, data_sources
+        self.on_progress = on_progress
         self.outcome: EvalOutcome | None = None
         self.error: BaseException | None = None
         self.done = threading.Event()
 
     def run(self) -> None:
         try:
+            if self.on_progress is not None:
+                # a training task: a one-shot child whose rungs go to the API's pruner
+                from search.evaluators.runner import evaluate
+
+                self.outcome = evaluate(self.task, isolated=True,
+                                        data_sources=self.data_sources or None,
+                                        on_progress=self.on_progress)
+                return
             self.outcome = self._evaluate(
                 self.task, isolated=True, data_sources=self.data_sources or None
             )
@@ -254,7 +278,7 @@ class Worker:
             try:
                 info = self.api.register(
                     self.config.target, self.config.name, self.config.device,
-                    self.config.runtimes, fp,
+                    self.config.runtimes, fp, role=self.config.role,
                 )
             except ApiUnavailable as exc:
                 self.stats.api_errors += 1
@@ -319,6 +343,10 @@ class Worker:
         except (ValidationError, KeyError, TypeError) as exc:
             self._fail(task_id, token, "invalid_spec", f"task does not validate: {exc}")
             return
+        refused = _refuses(self.config.role, lease.kind, task)
+        if refused:
+            self._fail(task_id, token, "unsupported", refused)
+            return
         fitted = adapt_task(task, self.config.device, self.config.runtimes)
         if isinstance(fitted, str):
             self._fail(task_id, token, "unsupported", fitted)
@@ -341,7 +369,19 @@ class Worker:
     ) -> None:
         before = _child_pids()
         assert self._evaluate is not None
-        ev = _Evaluation(self._evaluate, task, self.config.data_sources)
+        on_progress = None
+        if self.config.role == "trainer":
+            def on_progress(step: int, value: float) -> bool:
+                try:
+                    return self._hb_api.progress(task_id, token, step, value).go_on
+                except LeaseLost:
+                    lost.set()
+                    return False
+                except (ApiUnavailable, ProtocolError) as exc:
+                    # the pruner could not be asked: go on (the lease keeper keeps it)
+                    log.warning("task %s: progress not reported (%s)", task_id, exc)
+                    return True
+        ev = _Evaluation(self._evaluate, task, self.config.data_sources, on_progress)
         t0 = time.monotonic()
         ev.start()
         deadline: float | None = None

@@ -40,9 +40,9 @@ from service.api.schemas import (
     WinnerOut,
 )
 from service.db import Database, new_id, utcnow
-from service.models import Job, Target
+from service.models import Job, Target, WorkerToken
 from service.settings import Settings
-from service.states import JobStatus
+from service.states import JobStatus, WorkerRole
 from service.studies import load_study, trial_view
 
 log = logging.getLogger("fitnas.api")
@@ -110,6 +110,7 @@ def build_config(body: JobCreate):
             timeout_s=body.timeout_s,
             memory_mb=body.memory_mb,
             seed_specs=body.seed_specs,
+            trainer_pool=body.trainer_pool,
         )
     except ValidationError as exc:
         raise _unprocessable(_first_error(exc)) from exc
@@ -208,6 +209,15 @@ def create_job(
                 f"target: unknown target {body.target!r}; create it with POST /v1/targets "
                 "or `fitnas admin create-worker-token --target NAME`"
             )
+        if config.quality.signal == "train" and s.execute(
+                select(WorkerToken.id).where(WorkerToken.target == config.trainer_pool,
+                                             WorkerToken.role == WorkerRole.TRAINER)
+                .limit(1)).first() is None:
+            raise _unprocessable(
+                f"trainer_pool: no trainer serves pool {config.trainer_pool!r}; a 'train' "
+                "job's candidates are trained by trainers, never by the target's workers: "
+                f"`fitnas admin create-worker-token --role trainer --target "
+                f"{config.trainer_pool}`, then `fitnas worker --role trainer`")
         now = utcnow()
         job_id = new_id()
         job = Job(

@@ -34,11 +34,13 @@ from service.protocol import (
     LeaseOut,
     LeaseRequest,
     LeaseTokenIn,
+    ProgressIn,
+    ProgressOut,
     ReleaseOut,
     ResultIn,
     ResultOut,
 )
-from service.states import TaskState
+from service.states import ROLE_KIND, TaskKind, TaskState, WorkerRole
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks (workers)"],
                    responses={**AUTH_RESPONSES, **BODY_RESPONSES})
@@ -60,6 +62,12 @@ _ERRORS = {
 async def lease_task(body: LeaseRequest, request: Request, principal: CurrentWorker,
                      db: DatabaseDep, settings: SettingsDep):
     check_target(principal, body.target)
+    kind = ROLE_KIND[WorkerRole(principal.role)]
+    if body.kind is not None and body.kind != kind:
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN,
+            f"a {principal.role} token leases {kind} tasks, not {body.kind} ones "
+            f"(a latency worker never trains; a trainer never measures latency)")
 
     def touch():
         def op(s):
@@ -77,7 +85,8 @@ async def lease_task(body: LeaseRequest, request: Request, principal: CurrentWor
     while True:
         grant = await run_in_threadpool(
             leases.lease_one, db, worker_id=body.worker_id, target=body.target,
-            runtimes=runtimes, lease_timeout_s=settings.lease_timeout_s,
+            runtimes=None if kind == TaskKind.QUALITY else runtimes,
+            lease_timeout_s=settings.lease_timeout_s, kind=kind,
         )
         if grant is not None:
             return {
@@ -87,6 +96,7 @@ async def lease_task(body: LeaseRequest, request: Request, principal: CurrentWor
                 "attempt": grant.attempt,
                 "job_id": grant.job_id,
                 "trial_number": grant.trial_number,
+                "kind": grant.kind,
                 "task": grant.task,
             }
         remaining = deadline - time.monotonic()
@@ -111,6 +121,7 @@ def heartbeat_task(task_id: str, body: LeaseTokenIn, principal: CurrentWorker,
              responses=_ERRORS)
 def task_result(task_id: str, body: ResultIn, principal: CurrentWorker, db: DatabaseDep,
                 metrics: MetricsDep, wake: WakeScheduler):
+    _check_kind(leases.task_kind(db, task_id, principal.target), body.outcome)
     try:
         accepted, _row = leases.submit_result(
             db, task_id, principal.target, body.lease_token,
@@ -124,6 +135,41 @@ def task_result(task_id: str, body: ResultIn, principal: CurrentWorker, db: Data
         wake()
         return {"accepted": True, "duplicate": False}
     return {"accepted": False, "duplicate": True}
+
+
+def _check_kind(kind: str, outcome) -> None:
+    """A result of the wrong kind is a 422: a latency task's success carries a latency
+    measurement; a training task's carries a quality value and never a latency."""
+    if kind == TaskKind.QUALITY:
+        if outcome.latency is not None:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
+                                "outcome.latency: a training task reports no latency "
+                                "(a trainer never measures latency)")
+        if outcome.ok and outcome.quality is None:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
+                                "outcome.quality: a training task's result needs its quality")
+    elif outcome.ok and outcome.latency is None:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
+                            "outcome.latency: a latency task's result needs its measurement")
+
+
+@router.post(
+    "/{task_id}/progress",
+    response_model=ProgressOut,
+    summary="A training task's rung: extends the lease and asks the job's pruner",
+    responses={**_ERRORS, 422: {"description": "Not a training task"}},
+)
+def task_progress(task_id: str, body: ProgressIn, request: Request,
+                  principal: CurrentWorker, db: DatabaseDep, settings: SettingsDep):
+    if leases.task_kind(db, task_id, principal.target) != TaskKind.QUALITY:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
+                            "progress is for training tasks (kind quality)")
+    expires = leases.heartbeat(db, task_id, principal.target, body.lease_token,
+                               settings.lease_timeout_s)
+    job_id, trial_number = leases.task_trial(db, task_id)
+    go_on = request.app.state.scheduler.report_rung(job_id, trial_number, body.step,
+                                                    body.value)
+    return {"go_on": go_on, "lease_expires_at": expires}
 
 
 @router.post("/{task_id}/fail", response_model=FailOut,
