@@ -195,9 +195,9 @@ def user_key(app):
 def make_worker_token(app):
     from service.tokens import create_worker_token
 
-    def make(target: str | None = None) -> tuple[str, dict[str, str]]:
+    def make(target: str | None = None, role: str = "latency") -> tuple[str, dict[str, str]]:
         target = target or unique("t")
-        token, _ = create_worker_token(app.state.db, target)
+        token, _ = create_worker_token(app.state.db, target, role=role)
         return target, {"Authorization": f"Bearer {token}"}
 
     return make

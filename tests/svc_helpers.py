@@ -96,12 +96,12 @@ class HttpWorker:
                                                                  "onnxruntime"]
         self.worker_id: str | None = None
 
-    def register(self) -> dict[str, Any]:
+    def register(self, role: str = "latency") -> dict[str, Any]:
         from service.protocol import REGISTER_PATH, WorkerRegister
 
         r = self.api.send(REGISTER_PATH, WorkerRegister(
             target=self.target, name=self.name, device="cpu", runtimes=self.runtimes,
-            fingerprint={"cpu": "test"}))
+            fingerprint={"cpu": "test"}, role=role))
         assert r.status_code == 200, r.text
         self.worker_id = r.json()["worker_id"]
         return r.json()
@@ -120,6 +120,12 @@ class HttpWorker:
         from service.protocol import task_path
 
         return self.api.send(task_path(lease["task_id"], action), body)
+
+    def progress(self, lease: dict[str, Any], step: int, value: float):
+        from service.protocol import ProgressIn
+
+        return self._on_lease(lease, "progress", ProgressIn(
+            lease_token=lease["lease_token"], step=step, value=value))
 
     def heartbeat(self, lease: dict[str, Any]):
         from service.protocol import LeaseTokenIn
