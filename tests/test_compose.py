@@ -118,9 +118,11 @@ def test_deployment_details(compose):
     text = (ROOT / "docker-compose.yml").read_text()
     assert "name" in compose and "Compose v2" in text
     s = compose["services"]
-    for name in ("worker-cpu", "worker-cuda", "dashboard", "api", "postgres"):
+    for name in ("worker-cpu", "worker-cuda", "worker-trainer", "dashboard", "api",
+                 "postgres"):
         assert s[name]["healthcheck"]["test"], name
-    for name, boot in (("worker-cpu", "bootstrap"), ("worker-cuda", "bootstrap-cuda")):
+    for name, boot in (("worker-cpu", "bootstrap"), ("worker-cuda", "bootstrap-cuda"),
+                       ("worker-trainer", "bootstrap-trainer")):
         svc = s[name]
         assert svc["depends_on"]["api"]["condition"] == "service_healthy"
         assert svc["depends_on"][boot]["condition"] == "service_completed_successfully"
@@ -134,6 +136,12 @@ def test_deployment_details(compose):
         assert health in " ".join(svc["healthcheck"]["test"])
         assert "cpus" not in svc and "cpu_quota" not in svc
     assert "cpuset" in s["worker-cpu"] and "CFS" in text
+    # the trainer profile: a trainer token, a worker that runs as a trainer
+    assert s["worker-trainer"]["profiles"] == ["trainer"] == s["bootstrap-trainer"]["profiles"]
+    boot = s["bootstrap-trainer"]["command"]
+    assert boot[boot.index("--role") + 1] == "trainer"
+    cmd = s["worker-trainer"]["command"]
+    assert cmd[cmd.index("--role") + 1] == "trainer"
     assert s["worker-cuda"]["build"]["args"]["ONNXRUNTIME_PACKAGE"] == "onnxruntime-gpu"
     assert "ONNXRUNTIME_PACKAGE" in (ROOT / "Dockerfile").read_text()
 
