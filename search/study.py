@@ -1244,11 +1244,21 @@ class SearchDriver:
         return not self._pruner.prune(_QualityView(self.study), trial)
 
     def _store_rungs(self, frozen: FrozenTrial, rungs: list) -> None:
+        """The rungs as the ``rungs`` user attribute (what the pruners read, through
+        :class:`_QualityView`) and as Optuna intermediate values (what optuna-dashboard
+        plots). Intermediate values are safe in this multi-objective study because a trial
+        the pruner stops is told with a ``pruned`` constraint (:meth:`_tell_pruned`): TPE
+        ranks it with the infeasible trials and never reads its intermediate values."""
         known = {int(s): float(v) for s, v in frozen.user_attrs.get("rungs", [])}
         merged = {**known, **{int(s): float(v) for s, v in rungs}}
         if merged != known:
-            self.study._storage.set_trial_user_attr(
+            storage = self.study._storage
+            storage.set_trial_user_attr(
                 frozen._trial_id, "rungs", [[s, merged[s]] for s in sorted(merged)])
+            for step in sorted(set(merged) - set(known)):
+                if math.isfinite(merged[step]):
+                    storage.set_trial_intermediate_value(frozen._trial_id, step,
+                                                         merged[step])
 
     def _tell_pruned(self, trial: optuna.trial.Trial, outcome: EvalOutcome) -> None:
         """A candidate the pruner stopped: PRUNED, with its last rung's value and its
@@ -1265,12 +1275,19 @@ class SearchDriver:
             "feasible": 0,
         }
         lat = outcome.latency
+        constraints = self._stored_cost_constraints(trial)
         if lat is not None:
             attrs["latency_ms"] = lat.latency_ms.median
             if lat.ratio_to_reference is not None:
                 attrs["latency_ratio"] = lat.ratio_to_reference.median
-        for k, v in attrs.items():
-            trial.set_user_attr(k, v)
+            with contextlib.suppress(ValueError):
+                constraints.update(self.latency_violations(lat))
+        # stopped by the pruner: infeasible for TPE, which then ranks it by violation and
+        # never reads the intermediate values (it cannot in a multi-objective study)
+        constraints["pruned"] = 1.0
+        for name, value in constraints.items():
+            attrs[f"constraint_{name}"] = value
+        write_trial_attrs(self.study, trial, attrs, constraints)
         self.study.tell(trial.number, state=TrialState.PRUNED)
 
     def _stored_cost_constraints(self, trial: optuna.trial.Trial) -> dict[str, float]:

@@ -22,7 +22,7 @@ from search.evaluators.types import (
 )
 from search.local import _trial_line, run_search
 from search.space import DesignSpace
-from search.study import SearchConfig, SearchDriver
+from search.study import SearchConfig, SearchDriver, named_constraints
 from tests.test_quality import TINY
 from tests.test_study import TINY_SPACE
 
@@ -78,8 +78,11 @@ def test_successive_halving_prunes_below_the_best_half_and_records_it(url):
     assert ta.state == TrialState.COMPLETE and ta.values[0] == 0.7
     assert ta.user_attrs["rungs"] == [[30, 0.5], [60, 0.6], [120, 0.7]]
     assert tb.state == TrialState.PRUNED and tb.user_attrs["rungs"] == [[30, 0.3]]
-    # not as intermediate values: Optuna's TPE cannot rank those in a multi-objective study
-    assert ta.intermediate_values == {} == tb.intermediate_values
+    # intermediate values too (dashboards plot them); the pruned trial carries the
+    # 'pruned' constraint, so TPE ranks it as infeasible and never reads them
+    assert ta.intermediate_values == {30: 0.5, 60: 0.6, 120: 0.7}
+    assert tb.intermediate_values == {30: 0.3}
+    assert named_constraints(tb)["pruned"] == 1.0
     assert tb.user_attrs["status"] == "pruned" and tb.user_attrs["quality"] == 0.3
     assert tb.user_attrs["pruned_at_step"] == 30 and tb.user_attrs["latency_ms"] == 2.0
     assert [t.number for t in driver.pareto()] == [a.trial_number]  # pruned: not a point
@@ -175,3 +178,23 @@ def test_isolated_runner_carries_rungs_and_stops_when_told():
     assert out.quality.pruned and [s for s, _ in seen] == [2, 4]
     assert out.quality.details["rungs"] == [list(r) for r in seen]
     assert out.quality.value == seen[-1][1] and out.quality.details["steps"] == 4
+
+
+def test_tpe_goes_on_past_its_startup_with_pruned_trials_that_have_intermediate_values(url):
+    """Optuna's TPE asks for the study's single direction when it ranks a PRUNED trial
+    with intermediate values; in this multi-objective study the 'pruned' constraint sends
+    such trials to the infeasible group instead."""
+    cfg = config(trials=30, seed=1)
+    driver = SearchDriver.open(url, "tpe", cfg)
+    for i in range(16):  # TPE's start-up is at most 10 trials
+        p = driver.ask()
+        if p.task is None:
+            continue
+        value = 0.3 + 0.02 * (i % 7)
+        go_on = driver.report_rung(p.trial_number, 30, value)
+        rungs = [[30, value]] if not go_on else [[30, value], [120, value + 0.1]]
+        driver.tell(p.trial_number, outcome(cfg.measure, rungs, pruned=not go_on))
+    pruned = [t for t in driver.trials(TrialState.PRUNED)
+              if t.user_attrs.get("status") == "pruned"]
+    assert pruned and all(t.intermediate_values for t in pruned)
+    assert driver.ask().spec is not None  # past the start-up: TPE ranks them all
