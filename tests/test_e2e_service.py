@@ -407,3 +407,117 @@ def test_compose_commands_localize_without_leftovers():
             assert a in ("http://api:8000", "0.0.0.0", "8000", "8080") or "@postgres:" in a, a
         text = " ".join(local)
         assert "api:8000" not in text and "@postgres:" not in text and "0.0.0.0" not in text
+
+
+def _middle_reference() -> str:
+    """A network of the test space with about the median MACs of the space, as a compact
+    string: a ratio budget of 1.3 against it leaves most candidates within, some over,
+    whatever the machine's speed."""
+    import optuna
+    from svc_helpers import TINY_SPACE
+
+    from blocks.cost import estimate_cost
+    from search.space import DesignSpace
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space = DesignSpace.from_dict(TINY_SPACE)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    specs = []
+    for _ in range(40):
+        trial = study.ask()
+        specs.append(space.sample(trial))
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    specs.sort(key=lambda s: estimate_cost(s, resolution=32).macs)
+    return specs[len(specs) // 2].to_compact()
+
+
+@needs_pg
+def test_latency_worker_and_trainer_as_separate_processes_on_postgres(tmp_path):
+    """compose's API, one latency worker and one trainer (the `trainer` profile's
+    commands) as separate processes: only the candidates within budget are trained, a
+    trial the pruner stopped is PRUNED with its intermediate values in optuna-dashboard's
+    API, an over-budget one is PRUNED without any, and every trial is told once."""
+    from sqlalchemy import create_engine, text
+
+    t0 = time.monotonic()
+    trials, steps, rung = 10, 100, 50  # digits learns past chance by step 50
+    with fresh_postgres_database(PG_URL) as db_url:
+        svc = start_service(tmp_path, db_url, db_url, n_workers=1)
+        try:
+            api_port = int(svc.api_url.rsplit(":", 1)[1])
+            tokens = str(tmp_path / "tokens")
+
+            def local(name: str) -> list[str]:
+                argv = localize(service_command(name), database_url=db_url,
+                                api_url=svc.api_url, api_port=api_port,
+                                dashboard_port=svc.dashboard_port)
+                return [a.replace(COMPOSE_TOKENS_DIR, tokens) for a in argv]
+
+            server_env = clean_env(_compose_env("api", db_url, db_url, tmp_path))
+            boot = local("bootstrap-trainer")
+            proc = run_cli(boot[1:], server_env, tmp_path)
+            assert proc.returncode == 0, proc.stderr
+            wenv = {k: v.replace(COMPOSE_TOKENS_DIR, tokens)
+                    for k, v in service_environment("worker-trainer").items()}
+            wenv["FITNAS_WORKER_HEALTH_FILE"] = str(tmp_path / "trainer.alive")
+            trainer = svc.stack.start("worker-trainer", local("worker-trainer"),
+                                      {**worker_only_env(tmp_path / "worker-site",
+                                                         clean_env()), **wenv})
+            svc.workers.append(trainer)
+            _wait_workers_registered(svc)
+            assert "(role trainer, target trainers" in trainer.log()
+
+            body = job_body(
+                "cpu", name="e2e trainer", trials=trials, parallelism=2, sampler="random",
+                seed=4, measure={**FAST_MEASURE, "reference": _middle_reference(),
+                                 "max_cv": 1.0},
+                quality={"signal": "train", "data": "digits", "steps": steps,
+                         "rungs": [rung], "batch": 32},
+                budgets={"max_latency_ratio": 1.3})
+            job = svc.submit(body)
+            job = svc.wait_job(job["id"], timeout=400)
+            assert job["status"] == "completed" and job["progress"]["finished"] == trials
+
+            engine = create_engine(db_url)
+            try:
+                with engine.connect() as conn:
+                    rows = conn.execute(text(
+                        "SELECT trial_number, kind, state, told_at, outcome FROM fitnas_tasks "
+                        "WHERE job_id = :j"), {"j": job["id"]}).mappings().all()
+            finally:
+                engine.dispose()
+            assert all(r["state"] == "done" and r["told_at"] is not None for r in rows)
+            assert len({(r["trial_number"], r["kind"]) for r in rows}) == len(rows)
+            latency = {r["trial_number"]: r["outcome"] for r in rows if r["kind"] == "latency"}
+            trained = {r["trial_number"] for r in rows if r["kind"] == "quality"}
+            within = {n for n, o in latency.items()
+                      if o["ok"] and o["latency"]["ratio_to_reference"]["median"] <= 1.3}
+            assert trained == within, (trained, within)
+            assert all(o["latency"] is None for r in rows if r["kind"] == "quality"
+                       for o in [r["outcome"]])  # a trainer never reports latency
+
+            svc.start_dashboard()
+            studies = httpx.get(f"{svc.dashboard_url}/api/studies", timeout=60).json()
+            sid = next(s["study_id"] for s in studies["study_summaries"]
+                       if s["study_name"] == job["study_name"])
+            seen = httpx.get(f"{svc.dashboard_url}/api/studies/{sid}", timeout=60).json()
+            by_number = {t["number"]: t for t in seen["trials"]}
+            assert sorted(by_number) == list(range(trials))  # each trial once
+            pruned = []
+            for n, t in by_number.items():
+                attrs = {a["key"]: a["value"] for a in t["user_attrs"]}
+                steps_seen = [iv["step"] for iv in t["intermediate_values"]]
+                if n in latency and n not in within:  # over budget: never trained
+                    assert t["state"] == "Pruned" and not steps_seen, t
+                    assert attrs.get("quality_skipped") == "1", attrs
+                if attrs.get("status") == "pruned":  # stopped by the pruner
+                    assert t["state"] == "Pruned" and steps_seen and max(steps_seen) < steps
+                    pruned.append(n)
+            assert pruned, "no trained candidate was stopped by the pruner"
+            assert "never trains" not in svc.all_logs()
+        finally:
+            codes = stop(svc)
+        assert all(c == 0 for c in codes.values()), (codes, svc.stack.logs())
+        assert not svc.client_errors, svc.client_errors
+    print(f"\ntrainer e2e on PostgreSQL: {time.monotonic() - t0:.0f} s, {len(trained)} "
+          f"trained of {len(latency)} measured, {len(pruned)} pruned")

@@ -296,8 +296,9 @@ class Worker:
             self._last_idle_beat = time.monotonic()
             self._alive()
             log.info(
-                "registered as %s (target %s, device %s, runtimes %s); heartbeat every "
-                "%.1f s", self.worker_id, self.config.target, self.config.device,
+                "registered as %s (role %s, target %s, device %s, runtimes %s); heartbeat "
+                "every %.1f s", self.worker_id, self.config.role, self.config.target,
+                self.config.device,
                 ",".join(self.config.runtimes), self.heartbeat_interval_s,
             )
             return True
