@@ -108,7 +108,7 @@ class Budgets(_Model):
 
 
 SamplerName = Literal["tpe", "nsga2", "random"]
-PrunerName = Literal["none", "successive_halving", "median"]
+PrunerName = Literal["none", "successive_halving", "hyperband", "median"]
 
 
 class SearchConfig(_Model):
@@ -166,9 +166,10 @@ class SearchConfig(_Model):
         return out
     pruner: PrunerName = Field(
         "successive_halving", description="stops a multi-fidelity quality signal ('train') "
-        "at a rung: successive halving (min resource = the first rung), median, or none")
-    pruner_reduction_factor: int = Field(2, ge=2, le=10, description="successive halving: "
-                                         "the best 1/factor of a rung go on")
+        "at a rung: successive halving (min resource = the first rung), hyperband (brackets "
+        "of successive halving from the first rung to all the steps), median, or none")
+    pruner_reduction_factor: int = Field(2, ge=2, le=10, description="successive halving "
+                                         "and hyperband: the best 1/factor of a rung go on")
 
     @field_validator("space", mode="before")
     @classmethod
@@ -1223,6 +1224,14 @@ class SearchDriver:
             return None
         if self.config.pruner == "median":
             return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=0)
+        if self.config.pruner == "hyperband":
+            from search.pruners import QualityHyperband
+
+            return QualityHyperband(
+                min_resource=self.config.quality.rung_steps()[0],
+                max_resource=self.config.quality.steps,
+                reduction_factor=self.config.pruner_reduction_factor,
+                study_name=self.study.study_name)
         return optuna.pruners.SuccessiveHalvingPruner(
             min_resource=self.config.quality.rung_steps()[0],
             reduction_factor=self.config.pruner_reduction_factor,

@@ -198,3 +198,37 @@ def test_tpe_goes_on_past_its_startup_with_pruned_trials_that_have_intermediate_
               if t.user_attrs.get("status") == "pruned"]
     assert pruned and all(t.intermediate_values for t in pruned)
     assert driver.ask().spec is not None  # past the start-up: TPE ranks them all
+
+
+def test_hyperband_brackets_are_stable_and_it_prunes(url):
+    """Hyperband over the quality view: each trial's bracket is a function of the study
+    name and its number (the same in another process), brackets of different
+    aggressiveness are used, and a candidate far below its bracket's best is stopped."""
+    from search.pruners import QualityHyperband
+
+    cfg = config(trials=40, pruner="hyperband", pruner_reduction_factor=2,
+                 quality=TRAIN.model_copy(update={"steps": 120, "rungs": [15, 30, 60]}))
+    driver = SearchDriver.open(url, "hb", cfg)
+    pruner = driver.make_pruner()
+    assert isinstance(pruner, QualityHyperband) and pruner.n_brackets == 4
+    again = QualityHyperband(15, 120, 2, study_name="hb")
+    assert [pruner.bracket_of(n) for n in range(40)] == [again.bracket_of(n)
+                                                          for n in range(40)]
+    assert len({pruner.bracket_of(n) for n in range(40)}) >= 3
+    stopped = []
+    for i in range(24):
+        p = driver.ask()
+        value = 0.8 - 0.02 * i  # every candidate worse than the ones before
+        rungs = []
+        for step in (15, 30, 60):
+            rungs.append([step, value * step / 120])
+            if not driver.report_rung(p.trial_number, step, value * step / 120):
+                stopped.append(p.trial_number)
+                break
+        else:
+            rungs.append([120, value])
+        driver.tell(p.trial_number, outcome(cfg.measure, rungs, pruned=rungs[-1][0] < 120))
+    assert len(stopped) >= 8
+    # the bracket that never stops early (the last) let its candidates run to the end
+    lazy = [n for n in range(24) if pruner.bracket_of(n) == pruner.n_brackets - 1]
+    assert not set(lazy) & set(stopped)

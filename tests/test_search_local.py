@@ -262,3 +262,30 @@ def test_done_when_default_space_30_trials_under_15_minutes(tmp_path):
         assert all(v <= 0 for v in member["constraints"].values())
     for fmt in ("json", "pytorch", "torchscript", "onnx"):
         assert Path(result["exports"][fmt]).is_file()
+
+
+def _train_search(tmp_path: Path, pruner: str, rungs: str, trials: int
+                  ) -> subprocess.CompletedProcess:
+    space = tmp_path / "tiny.yaml"
+    space.write_text(TINY_YAML)
+    cmd = [sys.executable, "-m", "service.cli", "search", "--space", str(space),
+           "--target", "cpu", "--max-latency-ms", "500", "--trials", str(trials),
+           "--signal", "train", "--data", "digits", "--steps", "100", "--rungs", rungs,
+           "--pruner", pruner, "--rounds", "3", "--min-run-time", "0.02", "--threads", "1",
+           "--presets", "none", "--reference", "none", "--sampler", "random",
+           "--out", str(tmp_path / "out"), "--seed", "3"]
+    return subprocess.run(cmd, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_fitnas_search_trains_with_successive_halving_and_shows_the_pruned(tmp_path):
+    """`fitnas search --signal train`: latency first, then seeded training on digits with
+    a rung at 50 of 100 steps; the pruner's trials say where they stopped, and
+    result.json counts them (training is deterministic on CPU, so this run is too)."""
+    proc = _train_search(tmp_path, "successive_halving", "50", trials=6)
+    assert proc.returncode == 0, proc.stderr
+    pruned_lines = [ln for ln in proc.stderr.splitlines() if "(pruned)" in ln]
+    assert pruned_lines and all("at step 50 of 100 (pruned)" in ln for ln in pruned_lines)
+    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert result["counts"]["pruned"] == len(pruned_lines) >= 1
+    assert result["counts"]["trials"] == 6

@@ -55,7 +55,18 @@ def search(
         "params", "--signal",
         help="quality signal: params (default: no proxy ranks networks better, see the "
              "README), macs, synflow, naswot, grad_norm, zico, meco, train, none"),
-    data: str = typer.Option("digits", "--data", help="data set for --signal train"),
+    data: str = typer.Option("digits", "--data", help="data set for --signal train "
+                             "(digits, shapes32, or a name your data sources define)"),
+    steps: int = typer.Option(200, "--steps", help="--signal train: optimizer steps"),
+    rungs: str | None = typer.Option(
+        None, "--rungs", help="--signal train: steps at which the accuracy is reported and "
+        "the pruner may stop a candidate, comma-separated (default: half the steps)"),
+    pruner: str = typer.Option(
+        "successive_halving", "--pruner",
+        help="--signal train: successive_halving, hyperband, median or none"),
+    reduction_factor: int = typer.Option(
+        2, "--reduction-factor", help="successive halving and hyperband: the best "
+        "1/FACTOR of each rung go on"),
     storage: str | None = typer.Option(
         None, "--storage", help="SQLAlchemy URL (default sqlite:///OUT/fitnas.db)"),
     study: str | None = typer.Option(
@@ -102,6 +113,14 @@ def search(
         fail("give exactly one latency budget: --max-latency-ms X or --max-latency-ratio R")
     if sampler not in ("tpe", "nsga2", "random"):
         fail(f"--sampler must be tpe, nsga2 or random (got {sampler!r})")
+    if pruner not in ("successive_halving", "hyperband", "median", "none"):
+        fail(f"--pruner must be successive_halving, hyperband, median or none (got {pruner!r})")
+    rung_list = None
+    if rungs is not None and rungs.strip():
+        try:
+            rung_list = [int(r) for r in rungs.replace(" ", "").split(",") if r]
+        except ValueError:
+            fail(f"--rungs takes step counts separated by commas, e.g. 50,100 (got {rungs!r})")
     ref = reference.strip()
     if ref.lower() in ("", "none"):
         if max_latency_ratio is not None:
@@ -132,7 +151,9 @@ def search(
             measure=MeasureSettings(device=device, runtime=runtime, threads=threads,
                                     batch=batch, reference=ref, rounds=rounds,
                                     min_run_time_s=min_run_time),
-            quality=QualitySettings(signal=signal, data=data),
+            quality=QualitySettings(signal=signal, data=data, steps=steps, rungs=rung_list),
+            pruner=pruner,
+            pruner_reduction_factor=reduction_factor,
             sampler=sampler,
             seed=seed,
             timeout_s=timeout,
