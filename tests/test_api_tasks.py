@@ -31,6 +31,22 @@ def _trial(client, h, job_id, number):
     return next(t for t in items if t["number"] == number)
 
 
+def _poll_in_thread(worker: HttpWorker, wait_s: float) -> tuple[threading.Thread, dict]:
+    """A long poll in a thread; returns once it has read once and waits (0.3 s). The
+    dict gets the lease and the seconds it waited."""
+    got: dict = {}
+
+    def poll():
+        t = time.monotonic()
+        got["lease"] = worker.lease(wait_s=wait_s)
+        got["waited"] = time.monotonic() - t
+
+    th = threading.Thread(target=poll)
+    th.start()
+    time.sleep(0.3)
+    return th, got
+
+
 def test_long_poll_waits_then_returns_a_task_when_one_appears(client, app, user_key,
                                                               make_worker_token):
     _, h = user_key
@@ -47,16 +63,7 @@ def test_long_poll_waits_then_returns_a_task_when_one_appears(client, app, user_
                     json={"worker_id": worker.worker_id, "target": target, "wait_s": 31})
     assert r.status_code == 422
 
-    got = {}
-
-    def poll():
-        t = time.monotonic()
-        got["lease"] = worker.lease(wait_s=10)
-        got["waited"] = time.monotonic() - t
-
-    th = threading.Thread(target=poll)
-    th.start()
-    time.sleep(0.3)
+    th, got = _poll_in_thread(worker, wait_s=10)
     client.post("/v1/jobs", headers=h, json=job_body(target, trials=1))
     app.state.scheduler.tick()
     th.join(15)
@@ -80,16 +87,7 @@ def test_the_doorbell_wakes_a_waiting_long_poll_when_the_scheduler_queues(
         target, wh = make_worker_token()
         worker = HttpWorker(c, wh, target)
         worker.register()
-        got = {}
-
-        def poll():
-            t = time.monotonic()
-            got["lease"] = worker.lease(wait_s=20)
-            got["waited"] = time.monotonic() - t
-
-        th = threading.Thread(target=poll)
-        th.start()
-        time.sleep(0.3)  # the poll has read once and waits
+        th, got = _poll_in_thread(worker, wait_s=20)
         c.post("/v1/jobs", headers=h, json=job_body(target, trials=1))
         rings = slow.state.doorbell.rings
         t_tick = time.monotonic()
