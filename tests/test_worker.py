@@ -306,10 +306,10 @@ def test_worker_started_before_the_api_backs_off_then_heartbeats_and_reports(api
     assert delays[2] > delays[0]  # grows: 0.25-0.5, 0.5-1, 1-2 s
 
     # a task whose evaluation outlives the lease timeout: only heartbeats keep it.
-    # Quality: a short training on a data set that the job only names; the worker's own
-    # configuration says where it is.
+    # Quality: a proxy on a minibatch of a data set that the job only names; the worker's
+    # own configuration says where it is. (Training is a trainer's: tests/test_trainers.py.)
     job_id = api.submit(api.early_target, trials=1, rounds=3, min_run_time_s=1.0,
-                        quality={"signal": "train", "data": "blobs", "steps": 3, "batch": 8,
+                        quality={"signal": "naswot", "data": "blobs", "batch": 8,
                                  "resolution": 16})
     job = api.wait_job(job_id)
     assert job["status"] == "completed", job
@@ -320,7 +320,7 @@ def test_worker_started_before_the_api_backs_off_then_heartbeats_and_reports(api
     for t in tasks:
         outcome = t["outcome"] if isinstance(t["outcome"], dict) else json.loads(t["outcome"])
         q = outcome["quality"]
-        assert q["signal"] == "train" and q["details"]["data"] == "blobs"
+        assert q["signal"] == "naswot" and q["details"]["data"] == "blobs"
         assert q["details"]["source"] == str(api.workdir / "blobs.npz")
         assert q["details"]["n_train"] + q["details"]["n_val"] == 48
         # the worker's warm child, held for its lifetime: no interpreter start per task
